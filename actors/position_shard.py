@@ -1,0 +1,518 @@
+"""PositionShard: the actor that owns the positions of one shard of participants.
+
+Contract
+--------
+* **Owns**: for every participant assigned to this shard (``participant.shard_id``), its accounts'
+  values, reservations and net debit caps, its active flags, the open reservations that debit them,
+  and the credit legs it owes other shards (the outbox). Nothing else writes those columns.
+* **Ordering**: commands are applied one at a time, in the order the calls arrive, by the
+  synchronous ``PositionBook``; there is no ``await`` between a check and the change it guards.
+* **Durability**: every change gets the next journal sequence number. A flush loop writes whatever
+  accumulated while the previous flush ran (group commit) in one transaction, fenced on the shard's
+  last durable sequence number. A ``CommandBatch`` with ``wait_durable`` is answered only after
+  every change it made is durable, and after the credit legs its commits owe other shards are
+  durable there (or, past ``credit_wait_timeout_ms``, still durable in our outbox and retried).
+* **Rebuilt state**: on (re)start the book is loaded from Postgres: accounts, open reservations,
+  outbox, and the newest ``dedupe_window`` finished transfers and applied credits, then the
+  invariants are checked before the first command is served.
+* **Failure**: an invariant violation, a fenced-out flush or a flush that keeps failing ends the
+  process; Ray restarts it (``max_restarts=-1``) and it rebuilds from Postgres. Changes not yet
+  durable are lost, but no caller was told they were: callers treat an actor error as an unknown
+  outcome and retry with the same transfer ids, which the book deduplicates.
+* **Bounds**: at most ``max_unflushed_changes`` changes wait for a flush; beyond that calls wait up
+  to ``backpressure_timeout_ms`` and then fail with ``Overloaded``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from actors.store import FencedOut, ShardStore
+from core.ledger import (
+    Account,
+    Check,
+    Credit,
+    InvariantViolation,
+    Outcome,
+    PositionBook,
+    Result,
+)
+from core.money import format_amount
+from protos import ledger_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSettings:
+    """Every bound and timeout of a shard, in one place (set from RAYLOOP_* variables)."""
+
+    dsn: str
+    dedupe_window: int = 200_000
+    max_unflushed_changes: int = 50_000
+    backpressure_timeout_ms: int = 5_000
+    expiry_tick_ms: int = 50
+    flush_retry_max: int = 20
+    flush_retry_backoff_ms: int = 50
+    credit_retry_ms: int = 250
+    credit_batch_max: int = 2_000
+    credit_wait_timeout_ms: int = 2_000
+    events_max: int = 100_000
+    pool_size: int = 2
+    flush_latency_samples: int = 256
+
+
+class Overloaded(RuntimeError):
+    """Too many changes wait for Postgres; the caller answers 2005 (server busy)."""
+
+
+PeerCall = Callable[[int, bytes], Awaitable[bytes]]
+
+
+class PositionShard:
+    def __init__(
+        self,
+        shard_id: int,
+        settings: ShardSettings,
+        *,
+        call_peer: PeerCall | None = None,
+        clock_ms: Callable[[], int] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ):
+        self.shard_id = shard_id
+        self.settings = settings
+        self._call_peer = call_peer
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._on_fatal = on_fatal or _exit_process
+        self._started: asyncio.Task | None = None
+        self.book: PositionBook | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._store: ShardStore | None = None
+        self._durable_seq = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._changed: asyncio.Event | None = None
+        self._flushed: asyncio.Event | None = None
+        self._account_shard: dict[int, int] = {}
+        self._delivering: set[str] = set()
+        self._expired_pending: deque[tuple[int, str]] = deque()
+        self.events: deque[tuple[int, str, str]] = deque(maxlen=settings.events_max)
+        self._flush_ms: deque[float] = deque(maxlen=settings.flush_latency_samples)
+        self._flushes = 0
+        self._waiting_calls = 0
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        self._changed = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._pool = await asyncpg.create_pool(
+            self.settings.dsn, min_size=1, max_size=self.settings.pool_size, command_timeout=60
+        )
+        self._store = ShardStore(self._pool, self.shard_id)
+        self.book = await self._store.load(dedupe_window=self.settings.dedupe_window)
+        self._durable_seq = self.book.seq
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._flush_loop(), name=f"shard{self.shard_id}-flush"),
+            loop.create_task(self._expiry_loop(), name=f"shard{self.shard_id}-expiry"),
+            loop.create_task(self._outbox_loop(), name=f"shard{self.shard_id}-outbox"),
+        ]
+        log.info(
+            "shard %s ready: %d participants, %d accounts, %d open reservations, %d credits owed, seq %d",
+            self.shard_id, len(self.book.participants), len(self.book.accounts), len(self.book.reservations),
+            len(self.book.outbox), self.book.seq,
+        )
+
+    async def stop(self) -> None:
+        """Flush what is pending, then stop the loops and close the pool."""
+        if self._started is None:
+            return
+        await self._started
+        if self.book.seq > self._durable_seq:
+            await self._wait_durable(self.book.seq)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._pool.close()
+
+    # ------------------------------------------------------------------ commands
+
+    async def execute(self, payload: bytes) -> bytes:
+        """Apply a serialized ``CommandBatch``; return a serialized ``BatchResult``."""
+        await self.start()
+        batch = pb.CommandBatch.FromString(payload)
+        await self._admit()
+        # Prefetch phase: I/O happens before the apply loop, never between a check and its update.
+        loads = [c.load_account.account_id for c in batch.commands if c.HasField("load_account")]
+        loaded = await self._fetch_accounts(loads) if loads else {}
+        book = self.book
+        now_ms = self._clock_ms()
+        reply = pb.BatchResult()
+        credits: list[Credit] = []
+        max_seq = 0
+        for command in batch.commands:
+            result = self._apply(book, command, now_ms, loaded)
+            if result.credit is not None:
+                credits.append(result.credit)
+            if result.seq > max_seq:
+                max_seq = result.seq
+            reply.results.add(outcome=result.outcome, seq=result.seq, state=result.state or "")
+        if max_seq:
+            self._changed.set()
+        if batch.wait_durable:
+            if max_seq:
+                await self._wait_durable(max_seq)
+            if credits:
+                reply.credits_pending = await self._deliver_credits(
+                    credits, timeout_ms=self.settings.credit_wait_timeout_ms
+                )
+        reply.durable_seq = self._durable_seq
+        return reply.SerializeToString()
+
+    def _apply(self, book: PositionBook, command: pb.Command, now_ms: int, loaded: dict) -> Result:
+        op = command.WhichOneof("op")
+        if op == "reserve":
+            r = command.reserve
+            result = book.reserve(
+                r.transfer_id, r.debit_account_id, r.credit_account_id, int(r.amount_minor), now_ms,
+                check=Check(r.check), expires_at_ms=r.expires_at_ms or None,
+            )
+            if r.commit_now and result.outcome is Outcome.OK:
+                result = book.commit(r.transfer_id, now_ms)
+            return result
+        if op == "commit":
+            return book.commit(command.commit.transfer_id, now_ms)
+        if op == "abort":
+            return book.abort(command.abort.transfer_id, now_ms, command.abort.reason)
+        if op == "credit":
+            c = command.credit
+            return book.apply_credit(
+                Credit(c.transfer_id, c.credit_account_id, int(c.amount_minor), c.currency), now_ms
+            )
+        if op == "set_net_debit_cap":
+            return book.set_net_debit_cap(command.set_net_debit_cap.account_id,
+                                          int(command.set_net_debit_cap.cap_minor), now_ms)
+        if op == "set_account_active":
+            return book.set_account_active(command.set_account_active.account_id,
+                                           command.set_account_active.is_active, now_ms)
+        if op == "set_participant_active":
+            return book.set_participant_active(command.set_participant_active.participant,
+                                               command.set_participant_active.is_active, now_ms)
+        if op == "load_account":
+            found = loaded.get(command.load_account.account_id)
+            if found is None:
+                return Result(Outcome.UNKNOWN_ACCOUNT)
+            name, participant_active, account = found
+            book.add_participant(name, participant_active)
+            book.add_account(account)
+            return Result(Outcome.OK)
+        raise InvariantViolation(f"unknown command {op!r}")
+
+    async def _fetch_accounts(self, account_ids: list[int]) -> dict[int, tuple[str, bool, Account]]:
+        found = {}
+        for account_id in account_ids:
+            if account_id in self.book.accounts:
+                account = self.book.accounts[account_id]
+                found[account_id] = (account.participant, self.book.participants[account.participant].is_active,
+                                     account)
+                continue
+            row = await self._store.load_account(account_id)
+            if row is not None:
+                found[account_id] = row
+        return found
+
+    async def _admit(self) -> None:
+        """Backpressure: wait while too many changes are not yet durable."""
+        limit = self.settings.max_unflushed_changes
+        if self.book.seq - self._durable_seq <= limit:
+            return
+        deadline = time.monotonic() + self.settings.backpressure_timeout_ms / 1000
+        while self.book.seq - self._durable_seq > limit:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Overloaded(f"shard {self.shard_id}: {self.book.seq - self._durable_seq} changes unflushed")
+            self._flushed.clear()
+            try:
+                await asyncio.wait_for(self._flushed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ durability
+
+    async def _wait_durable(self, seq: int) -> None:
+        if seq <= self._durable_seq:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, future))
+        self._waiting_calls += 1
+        try:
+            await future
+        finally:
+            self._waiting_calls -= 1
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            batch = self.book.drain()
+            if not batch.entries:
+                continue
+            started = time.perf_counter()
+            await self._write(batch)
+            self._flush_ms.append((time.perf_counter() - started) * 1000)
+            self._flushes += 1
+            self._durable_seq = batch.last_seq
+            waiters = self._waiters
+            while waiters and waiters[0][0] <= self._durable_seq:
+                _, future = waiters.popleft()
+                if not future.done():
+                    future.set_result(None)
+            expired = self._expired_pending
+            while expired and expired[0][0] <= self._durable_seq:
+                seq, transfer_id = expired.popleft()
+                self.events.append((seq, transfer_id, Outcome.EXPIRED.value))
+            self._flushed.set()
+
+    async def _write(self, batch) -> None:
+        backoff_ms = self.settings.flush_retry_backoff_ms
+        for attempt in range(1, self.settings.flush_retry_max + 1):
+            try:
+                await self._store.flush(batch)
+                return
+            except FencedOut as error:
+                self._fatal(str(error))
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError) as error:
+                # Transient (Postgres restarting, connection dropped): the batch is self-contained,
+                # so writing it again is safe; the fence rejects it if the first try did commit.
+                log.warning("shard %s flush attempt %d failed: %r", self.shard_id, attempt, error)
+                await asyncio.sleep(min(backoff_ms, 2_000) / 1000)
+                backoff_ms *= 2
+            except asyncpg.PostgresError as error:
+                self._fatal(f"flush rejected by Postgres: {error!r}")
+        self._fatal(f"flush failed {self.settings.flush_retry_max} times")
+
+    def _fatal(self, reason: str) -> None:
+        log.critical("shard %s stopping: %s", self.shard_id, reason)
+        self._on_fatal(reason)
+        raise InvariantViolation(reason)
+
+    # ------------------------------------------------------------------ expiry
+
+    async def _expiry_loop(self) -> None:
+        tick_s = self.settings.expiry_tick_ms / 1000
+        while True:
+            await asyncio.sleep(tick_s)
+            expired = self.book.expire(self._clock_ms())
+            if expired:
+                for transfer_id, result in expired:
+                    self._expired_pending.append((result.seq, transfer_id))
+                self._changed.set()
+
+    async def wait_events(self, after_seq: int, timeout_ms: int = 1_000, max_events: int = 1_000) -> list:
+        """Durable expiry events with journal seq above ``after_seq`` (for the notification layer)."""
+        await self.start()
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            found = [e for e in self.events if e[0] > after_seq][:max_events]
+            if found or time.monotonic() >= deadline:
+                return found
+            self._flushed.clear()
+            try:
+                await asyncio.wait_for(self._flushed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ credits owed to other shards
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.credit_retry_ms / 1000)
+            if not self.book.outbox:
+                continue
+            # Only credits whose commit is durable may leave: wait for what is in memory now.
+            await self._wait_durable(self.book.seq)
+            due = [c for t, c in self.book.outbox.items() if t not in self._delivering]
+            if due:
+                await self._deliver_credits(due[: self.settings.credit_batch_max],
+                                            timeout_ms=self.settings.credit_wait_timeout_ms)
+
+    async def _deliver_credits(self, credits: list[Credit], *, timeout_ms: int) -> int:
+        """Send credit legs to their shards; returns how many are still unacknowledged."""
+        credits = [c for c in credits if c.transfer_id not in self._delivering]
+        self._delivering.update(c.transfer_id for c in credits)
+        try:
+            by_shard: dict[int, list[Credit]] = {}
+            targets = await self._shards_of([c.credit_account_id for c in credits])
+            for credit in credits:
+                shard = targets.get(credit.credit_account_id)
+                if shard is not None:
+                    by_shard.setdefault(shard, []).append(credit)
+            results = await asyncio.gather(
+                *(self._send_credits(shard, group, timeout_ms) for shard, group in by_shard.items()),
+                return_exceptions=True,
+            )
+            acked: list[str] = []
+            for outcome in results:
+                if isinstance(outcome, BaseException):
+                    log.warning("shard %s: credit delivery failed: %r", self.shard_id, outcome)
+                else:
+                    acked.extend(outcome)
+            if acked:
+                self.book.ack_credits(acked, self._clock_ms())
+                self._changed.set()
+            return len(credits) - len(acked)
+        finally:
+            self._delivering.difference_update(c.transfer_id for c in credits)
+
+    async def _send_credits(self, shard: int, credits: list[Credit], timeout_ms: int) -> list[str]:
+        batch = pb.CommandBatch(wait_durable=True)
+        for c in credits:
+            batch.commands.add().credit.CopyFrom(
+                pb.CreditLeg(transfer_id=c.transfer_id, credit_account_id=c.credit_account_id,
+                             amount_minor=str(c.amount_minor), currency=c.currency)
+            )
+        payload = batch.SerializeToString()
+        if shard == self.shard_id:
+            # An account created on this shard after the commit: load it, then apply here.
+            for c in credits:
+                batch.commands.add().load_account.account_id = c.credit_account_id
+            reply_bytes = await self.execute(_loads_first(batch))
+        else:
+            if self._call_peer is None:
+                raise RuntimeError("no peer transport configured")
+            reply_bytes = await asyncio.wait_for(self._call_peer(shard, payload), timeout_ms / 1000)
+        reply = pb.BatchResult.FromString(reply_bytes)
+        ok = (Outcome.OK.value, Outcome.DUPLICATE.value)
+        results = reply.results[-len(credits):] if shard == self.shard_id else reply.results
+        acked = [c.transfer_id for c, r in zip(credits, results, strict=True) if r.outcome in ok]
+        for c, r in zip(credits, results, strict=True):
+            if r.outcome not in ok:
+                log.error("shard %s: credit %s refused by shard %s: %s", self.shard_id, c.transfer_id, shard,
+                          r.outcome)
+        return acked
+
+    async def _shards_of(self, account_ids: list[int]) -> dict[int, int]:
+        missing = [a for a in set(account_ids) if a not in self._account_shard]
+        if missing:
+            rows = await self._pool.fetch(
+                "SELECT a.account_id, p.shard_id FROM account a JOIN participant p USING (participant_id)"
+                " WHERE a.account_id = ANY($1::integer[])",
+                missing,
+            )
+            for row in rows:
+                self._account_shard[row["account_id"]] = row["shard_id"]
+        return {a: self._account_shard[a] for a in account_ids if a in self._account_shard}
+
+    # ------------------------------------------------------------------ ops
+
+    async def describe(self, participant: str | None = None) -> dict:
+        """The live state ops ask for: the shard, and one participant or all of them."""
+        await self.start()
+        book = self.book
+        in_flight: dict[int, int] = {}
+        for reservation in book.reservations.values():
+            in_flight[reservation.debit_account_id] = in_flight.get(reservation.debit_account_id, 0) + 1
+        names = [participant] if participant is not None else sorted(book.participants)
+        participants = []
+        for name in names:
+            if name not in book.participants:
+                continue
+            accounts = [
+                {
+                    "account_id": a.account_id,
+                    "currency": a.currency,
+                    "ledger_account_type": str(a.account_type),
+                    "value": format_amount(a.value_minor),
+                    "reserved_value": format_amount(a.reserved_minor),
+                    "net_debit_cap": "" if a.net_debit_cap_minor is None else format_amount(a.net_debit_cap_minor),
+                    "is_active": a.is_active,
+                    "in_flight": in_flight.get(a.account_id, 0),
+                }
+                for a in sorted(book.accounts.values(), key=lambda a: a.account_id)
+                if a.participant == name
+            ]
+            participants.append(
+                {"name": name, "is_active": book.participants[name].is_active, "shard_id": self.shard_id,
+                 "accounts": accounts}
+            )
+        return {"shard": self._shard_state(), "participants": participants}
+
+    def _shard_state(self) -> dict:
+        samples = sorted(self._flush_ms)
+        runtime = _ray_runtime()
+        return {
+            "shard_id": self.shard_id,
+            **runtime,
+            "pid": os.getpid(),
+            "participants": len(self.book.participants),
+            "in_flight": len(self.book.reservations),
+            "queue_depth": self.book.seq - self._durable_seq,
+            "waiting_calls": self._waiting_calls,
+            "last_seq": self.book.seq,
+            "last_durable_seq": self._durable_seq,
+            "last_flush_ms": self._flush_ms[-1] if self._flush_ms else 0.0,
+            "flush_p50_ms": samples[len(samples) // 2] if samples else 0.0,
+            "flush_p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))] if samples else 0.0,
+            "credits_pending": len(self.book.outbox),
+            "flushes": self._flushes,
+        }
+
+    async def totals(self) -> dict[str, tuple[int, int, int]]:
+        """Per currency (values, open reservations, credits owed), for conservation checks."""
+        await self.start()
+        return self.book.currency_totals()
+
+    async def check_invariants(self) -> bool:
+        await self.start()
+        self.book.check_invariants()
+        return True
+
+    async def ping(self) -> dict:
+        await self.start()
+        return {"shard_id": self.shard_id, "pid": os.getpid(), "last_durable_seq": self._durable_seq}
+
+
+def _loads_first(batch: pb.CommandBatch) -> bytes:
+    """Reorder so that account loads run before the credits that need them."""
+    ordered = pb.CommandBatch(wait_durable=batch.wait_durable)
+    ordered.commands.extend([c for c in batch.commands if c.HasField("load_account")])
+    ordered.commands.extend([c for c in batch.commands if not c.HasField("load_account")])
+    return ordered.SerializeToString()
+
+
+def _ray_runtime() -> dict:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            actor_id = context.get_actor_id() or ""
+            return {
+                "actor_id": actor_id,
+                "node_id": context.get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(),
+                "was_restarted": bool(actor_id and context.was_current_actor_reconstructed),
+            }
+    except Exception as error:  # ops must still see the shard if Ray's context is unavailable
+        log.debug("no Ray runtime context: %r", error)
+    return {"actor_id": "", "node_id": "", "node_ip": "127.0.0.1", "was_restarted": False}
+
+
+def _exit_process(reason: str) -> None:
+    # Ray restarts the actor process; it rebuilds from Postgres, which holds only durable changes.
+    logging.shutdown()
+    os._exit(70)
