@@ -26,9 +26,11 @@ Contract
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -494,18 +496,24 @@ def _loads_first(batch: pb.CommandBatch) -> bytes:
     return ordered.SerializeToString()
 
 
+@functools.cache
 def _ray_runtime() -> dict:
+    """Where this actor runs; fixed for the life of the process, so read once."""
     try:
         import ray
 
         if ray.is_initialized():
             context = ray.get_runtime_context()
             actor_id = context.get_actor_id() or ""
+            with warnings.catch_warnings():
+                # Ray's own property trips its own deprecation warning internally.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                restarted = bool(actor_id and context.was_current_actor_reconstructed)
             return {
                 "actor_id": actor_id,
                 "node_id": context.get_node_id(),
                 "node_ip": ray.util.get_node_ip_address(),
-                "was_restarted": bool(actor_id and context.was_current_actor_reconstructed),
+                "was_restarted": restarted,
             }
     except Exception as error:  # ops must still see the shard if Ray's context is unavailable
         log.debug("no Ray runtime context: %r", error)

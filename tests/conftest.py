@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -31,11 +32,14 @@ def server_url():
     from cluster.postgres import EmbeddedPostgres
 
     data_dir = Path(tempfile.mkdtemp(prefix="rayloop-test-pg-"))
+    data_dir.chmod(0o755)  # the server may run as the unprivileged postgres user
     server = EmbeddedPostgres(data_dir / "pgdata")
     try:
         yield server.start()
     finally:
         server.stop()
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _admin(url: str, statement: str) -> None:

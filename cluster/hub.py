@@ -1,0 +1,138 @@
+"""One hub process: Postgres (given or embedded), migrations, Ray, the shard actors, admin API, ops gRPC.
+
+``rayloop up`` runs a ``Hub`` until it is told to stop. Tests start one in-process the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+import asyncpg
+import ray
+
+from actors.ray_shard import start_shard_actor
+from api.admin import AdminApi
+from api.http import HttpServer
+from api.ops_grpc import OpsService, start_ops_server
+from cluster.config import HubConfig
+from cluster.db import create_pool, migrate
+from cluster.ledger_client import LedgerClient
+from cluster.postgres import EmbeddedPostgres
+
+log = logging.getLogger(__name__)
+
+
+class Hub:
+    def __init__(self, config: HubConfig):
+        self.config = config
+        self.database_url: str | None = None
+        self.embedded: EmbeddedPostgres | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.ledger: LedgerClient | None = None
+        self.admin_server: HttpServer | None = None
+        self.ops_server = None
+        self.ops_port = 0
+        self._started_ray = False
+        self.handles: dict[int, object] = {}
+
+    @property
+    def admin_port(self) -> int:
+        return self.admin_server.port
+
+    async def start(self) -> None:
+        config = self.config
+        if config.database_url:
+            self.database_url = config.database_url
+        else:
+            self.embedded = EmbeddedPostgres(config.data_dir.resolve() / "pgdata")
+            # initdb and the server start block; keep the event loop free while they run.
+            self.database_url = await asyncio.to_thread(self.embedded.start)
+            log.info("embedded PostgreSQL at %s", self.database_url)
+        await migrate(self.database_url)
+        self.pool = await create_pool(self.database_url, max_size=8)
+        await self._bootstrap()
+
+        self._init_ray()
+        settings = dataclasses.replace(config.shard, dsn=self.database_url)
+        self.handles = {
+            shard_id: start_shard_actor(shard_id, settings, config.ray_namespace)
+            for shard_id in range(config.shard_count)
+        }
+        # Wait until every shard has rebuilt its book and checked its invariants.
+        await asyncio.gather(*(_await(h.ping.remote()) for h in self.handles.values()))
+        self.ledger = LedgerClient(
+            self.handles, call_timeout_ms=config.actor_call_timeout_ms, retries=config.actor_call_retries
+        )
+        ops = OpsService(self.pool, self.ledger)
+        self.ops_server, self.ops_port = await start_ops_server(ops, config.ops_grpc_host, config.ops_grpc_port)
+        admin = AdminApi(self.pool, self.ledger, hub_name=config.hub_name, shard_count=config.shard_count, ops=ops)
+        self.admin_server = HttpServer(admin.handle, config.admin_host, config.admin_port)
+        await self.admin_server.start()
+        log.info(
+            "rayloop hub up: admin http://%s:%d, ops gRPC %s:%d, %d shards",
+            config.admin_host, self.admin_server.port, config.ops_grpc_host, self.ops_port, config.shard_count,
+        )
+
+    def _init_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        config = self.config
+        if config.ray_address:
+            ray.init(address=config.ray_address, namespace=config.ray_namespace, log_to_driver=True)
+        else:
+            # A private local Ray: loopback only (it never probes outside addresses), no dashboard.
+            ray.init(
+                namespace=config.ray_namespace,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                configure_logging=False,
+                log_to_driver=True,
+            )
+        self._started_ray = True
+
+    async def _bootstrap(self) -> None:
+        """Shard rows and the hub's own participant (on shard 0); refuse a shard count that shrank."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.executemany(
+                "INSERT INTO shard (shard_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                [(i,) for i in range(self.config.shard_count)],
+            )
+            highest = await connection.fetchval("SELECT max(shard_id) FROM participant")
+            if highest is not None and highest >= self.config.shard_count:
+                raise RuntimeError(
+                    f"participants are assigned to shard {highest}; start with RAYLOOP_SHARDS > {highest}"
+                )
+            await connection.execute(
+                "INSERT INTO participant (name, is_hub, shard_id) VALUES ($1, true, 0) ON CONFLICT (name) DO NOTHING",
+                self.config.hub_name,
+            )
+
+    async def stop(self) -> None:
+        if self.admin_server is not None:
+            await self.admin_server.stop()
+        if self.ops_server is not None:
+            await self.ops_server.stop(grace=1)
+        if self.handles:
+            # Let each shard flush what it holds before its process goes.
+            results = await asyncio.gather(
+                *(_await(h.stop.remote()) for h in self.handles.values()), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    log.warning("shard stop: %r", result)
+            for handle in self.handles.values():
+                ray.kill(handle, no_restart=True)
+            self.handles = {}
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+        if self.pool is not None:
+            await self.pool.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+
+async def _await(ref):
+    return await ref

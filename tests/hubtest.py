@@ -1,0 +1,89 @@
+"""Helpers for tests that run a whole hub: start/stop, admin HTTP calls, conservation checks."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import uuid
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+
+from cluster.config import HubConfig
+from cluster.hub import Hub
+
+
+@asynccontextmanager
+async def running_hub(database_url: str, *, shards: int = 2, **overrides):
+    config = HubConfig.from_env(
+        database_url=database_url,
+        shard_count=shards,
+        admin_port=0,
+        ops_grpc_port=0,
+        ray_namespace=f"rayloop-test-{uuid.uuid4().hex[:8]}",
+        data_dir=Path("/tmp/rayloop-test-unused"),
+        **overrides,
+    )
+    hub = Hub(config)
+    try:
+        await hub.start()
+        yield hub
+    finally:
+        await hub.stop()
+
+
+def _request(port: int, method: str, path: str, body) -> tuple[int, object]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        connection.request(method, path, body=payload, headers=headers)
+        response = connection.getresponse()
+        raw = response.read()
+        return response.status, (json.loads(raw, parse_float=Decimal) if raw else None)
+    finally:
+        connection.close()
+
+
+async def admin(hub: Hub, method: str, path: str, body=None) -> tuple[int, object]:
+    return await asyncio.to_thread(_request, hub.admin_port, method, path, body)
+
+
+async def onboard(hub: Hub, names: list[str], currency: str = "XTS", *, ndc: str = "10000",
+                  deposit: str = "10000") -> dict[str, dict]:
+    """Hub accounts, then each DFSP: participant, initial position and limits, funds in."""
+    for account_type in ("HUB_MULTILATERAL_SETTLEMENT", "HUB_RECONCILIATION"):
+        status, _ = await admin(hub, "POST", "/participants/Hub/accounts", {"type": account_type, "currency": currency})
+        assert status in (201, 400), status
+    accounts: dict[str, dict] = {}
+    for name in names:
+        status, body = await admin(hub, "POST", "/participants", {"name": name, "currency": currency})
+        assert status == 201, body
+        status, body = await admin(hub, "POST", f"/participants/{name}/initialPositionAndLimits", {
+            "currency": currency, "limit": {"type": "NET_DEBIT_CAP", "value": int(ndc)}, "initialPosition": 0})
+        assert status == 201, body
+        status, listed = await admin(hub, "GET", f"/participants/{name}/accounts")
+        assert status == 200, listed
+        by_type = {a["ledgerAccountType"]: a for a in listed if a["currency"] == currency}
+        accounts[name] = by_type
+        status, body = await admin(hub, "POST", f"/participants/{name}/accounts/{by_type['SETTLEMENT']['id']}", {
+            "transferId": str(uuid.uuid4()), "externalReference": "onboarding", "action": "recordFundsIn",
+            "reason": "initial deposit", "amount": {"amount": deposit, "currency": currency}})
+        assert status == 202, body
+    return accounts
+
+
+async def assert_conserved(hub: Hub) -> None:
+    """Per currency: live (actors) and durable (Postgres) sums balance exactly."""
+    connection = await asyncpg.connect(hub.database_url)
+    try:
+        rows = await connection.fetch("SELECT currency, imbalance FROM currency_conservation")
+    finally:
+        await connection.close()
+    for row in rows:
+        assert row["imbalance"] == 0, f"durable {row['currency']} imbalance {row['imbalance']}"
+    for currency, (values, reserved, owed) in (await hub.ledger.totals()).items():
+        assert values - reserved - owed == 0, f"live {currency}: {values} - {reserved} - {owed} != 0"

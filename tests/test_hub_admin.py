@@ -1,0 +1,139 @@
+"""The admin API over real HTTP, on real Ray actors and real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import ray
+import uvloop
+
+from api.ops_grpc import query_state
+from tests.hubtest import admin, assert_conserved, onboard, running_hub
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=2, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_onboard_fund_limit_and_read_positions(database_url):
+    async def scenario():
+        async with running_hub(database_url) as hub:
+            # A DFSP cannot be onboarded in a currency the hub has no accounts for.
+            status, body = await admin(hub, "POST", "/participants", {"name": "early", "currency": "XTS"})
+            assert status == 400 and body["errorInformation"]["errorCode"] == "3200"
+
+            accounts = await onboard(hub, ["payerfsp", "payeefsp"], ndc="5000", deposit="10000")
+            await assert_conserved(hub)
+
+            status, body = await admin(hub, "GET", "/participants/payerfsp")
+            assert status == 200 and body["name"] == "payerfsp" and body["isActive"] == 1
+            assert {a["ledgerAccountType"] for a in body["accounts"]} == {"POSITION", "SETTLEMENT"}
+
+            status, body = await admin(hub, "GET", "/participants/payerfsp/positions?currency=XTS")
+            assert status == 200 and body["currency"] == "XTS" and body["value"] == "0"
+            status, listed = await admin(hub, "GET", "/participants/payerfsp/accounts")
+            settlement = next(a for a in listed if a["ledgerAccountType"] == "SETTLEMENT")
+            assert settlement["value"] == "-10000" and settlement["isActive"] == 1
+
+            status, limits = await admin(hub, "GET", "/participants/payerfsp/limits")
+            assert status == 200
+            assert limits == [{"currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": "5000",
+                                                             "alarmPercentage": 10}}]
+            status, body = await admin(hub, "PUT", "/participants/payerfsp/limits", {
+                "currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": "7500.25", "alarmPercentage": 20}})
+            assert status == 200 and body["limit"]["value"] == "7500.25"
+            status, limits = await admin(hub, "GET", "/participants/limits")
+            assert {(entry["name"], entry["limit"]["value"]) for entry in limits} == {
+                ("payerfsp", "7500.25"), ("payeefsp", "5000")}
+
+            # Setting the initial limits twice is refused.
+            status, body = await admin(hub, "POST", "/participants/payerfsp/initialPositionAndLimits", {
+                "currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": 1}, "initialPosition": 0})
+            assert status == 400 and body["errorInformation"]["errorCode"] == "3003"
+
+            # Funds out: reserve, then commit; beyond the balance is refused with 4001.
+            settlement_id = accounts["payeefsp"]["SETTLEMENT"]["id"]
+            funds_out = str(uuid.uuid4())
+            status, body = await admin(hub, "POST", f"/participants/payeefsp/accounts/{settlement_id}", {
+                "transferId": funds_out, "externalReference": "w1", "action": "recordFundsOutPrepareReserve",
+                "reason": "withdrawal", "amount": {"amount": "2500.5", "currency": "XTS"}})
+            assert status == 202, body
+            await assert_conserved(hub)
+            status, body = await admin(
+                hub, "PUT", f"/participants/payeefsp/accounts/{settlement_id}/transfers/{funds_out}",
+                {"action": "recordFundsOutCommit", "reason": "paid out"})
+            assert status == 202, body
+            status, listed = await admin(hub, "GET", "/participants/payeefsp/accounts")
+            settlement = next(a for a in listed if a["ledgerAccountType"] == "SETTLEMENT")
+            assert settlement["value"] == "-7499.5"
+            status, body = await admin(hub, "POST", f"/participants/payeefsp/accounts/{settlement_id}", {
+                "transferId": str(uuid.uuid4()), "externalReference": "w2", "action": "recordFundsOutPrepareReserve",
+                "reason": "too much", "amount": {"amount": "7499.6", "currency": "XTS"}})
+            assert status == 400 and body["errorInformation"]["errorCode"] == "4001"
+            # The same funds-in transfer id with other parameters is a modified request.
+            status, body = await admin(hub, "POST", f"/participants/payeefsp/accounts/{settlement_id}", {
+                "transferId": funds_out, "externalReference": "w1", "action": "recordFundsOutPrepareReserve",
+                "reason": "withdrawal", "amount": {"amount": "1", "currency": "XTS"}})
+            assert status == 400 and body["errorInformation"]["errorCode"] == "3106"
+            await assert_conserved(hub)
+
+            # Endpoints: upsert by type.
+            for value in ("http://127.0.0.1:9/old", "http://127.0.0.1:9/transfers"):
+                status, _ = await admin(hub, "POST", "/participants/payeefsp/endpoints",
+                                        {"type": "FSPIOP_CALLBACK_URL_TRANSFER_POST", "value": value})
+                assert status == 201
+            status, endpoints = await admin(hub, "GET", "/participants/payeefsp/endpoints")
+            assert endpoints == [{"type": "FSPIOP_CALLBACK_URL_TRANSFER_POST", "value": "http://127.0.0.1:9/transfers"}]
+
+            # Deactivation is live in the actor and durable.
+            status, body = await admin(hub, "PUT", "/participants/payeefsp", {"isActive": False})
+            assert status == 200 and body["isActive"] == 0
+
+            # The same state, from the ops gRPC service and from the admin endpoint that uses it.
+            # The CLI's blocking client, from a thread: the gRPC server runs on this event loop.
+            state = await asyncio.to_thread(query_state, f"127.0.0.1:{hub.ops_port}", participant="payerfsp")
+            assert state["participant"]["name"] == "payerfsp"
+            position = next(a for a in state["participant"]["accounts"] if a["ledger_account_type"] == "POSITION")
+            assert position["net_debit_cap"] == "7500.25" and position["value"] == "0"
+            assert state["shard"]["last_durable_seq"] == state["shard"]["last_seq"]
+            status, via_admin = await admin(hub, "GET", "/state/participants/payerfsp")
+            assert status == 200 and via_admin["participant"] == state["participant"]
+            status, shards = await admin(hub, "GET", "/state/shards")
+            assert status == 200 and len(shards["shards"]) == 2
+            status, conservation = await admin(hub, "GET", "/state/conservation")
+            assert conservation["durable"]["XTS"]["imbalance"] == "0.0000"
+
+    uvloop.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("GET", "/participants/nobody", None, 404, "3200"),
+        ("POST", "/participants", {"currency": "XTS"}, 400, "3102"),
+        ("POST", "/participants", {"name": "x", "currency": "XTS"}, 400, "3101"),
+        ("POST", "/participants", {"name": "okname", "currency": "usd"}, 400, "3101"),
+        ("POST", "/participants/payerfsp/initialPositionAndLimits",
+         {"currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": "-1"}}, 400, "3101"),
+        ("POST", "/participants/payerfsp/initialPositionAndLimits",
+         {"currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": 1.5}}, 400, "3003"),
+        ("PUT", "/participants/payerfsp/limits",
+         {"currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": "1.00001"}}, 400, "3101"),
+        ("DELETE", "/participants", None, 405, "3000"),
+        ("GET", "/no/such/route", None, 404, "3002"),
+    ],
+)
+def test_admin_errors(database_url, method, path, body, status, code):
+    async def scenario():
+        async with running_hub(database_url, shards=1) as hub:
+            await onboard(hub, ["payerfsp"])
+            got_status, got = await admin(hub, method, path, body)
+            assert (got_status, got["errorInformation"]["errorCode"]) == (status, code), got
+            await assert_conserved(hub)
+
+    uvloop.run(scenario())
