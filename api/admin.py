@@ -640,9 +640,14 @@ class AdminApi:
         """Per currency, live (actors) and durable (Postgres) sums: both must show zero imbalance."""
         live = await self.ledger.totals()
         rows = await self.pool.fetch("SELECT * FROM currency_conservation ORDER BY currency")
+        def text(value: Decimal) -> str:
+            return format_amount(from_decimal(value))
+
         durable = {
-            r["currency"].strip(): {"accountTotal": str(r["account_total"]), "reservedTotal": str(r["reserved_total"]),
-                                    "creditsInFlight": str(r["credits_in_flight"]), "imbalance": str(r["imbalance"])}
+            r["currency"].strip(): {
+                "accountTotal": text(r["account_total"]), "reservedTotal": text(r["reserved_total"]),
+                "creditsInFlight": text(r["credits_in_flight"]), "imbalance": text(r["imbalance"]),
+            }
             for r in rows
         }
         return _json(200, {

@@ -28,7 +28,7 @@ import uvloop
 from core.ledger import Outcome
 from core.money import parse_amount
 from protos import ledger_pb2 as pb
-from tests.hubtest import onboard, running_hub
+from cluster.testing import onboard, running_hub
 
 RESULTS = Path(__file__).with_name("results")
 

@@ -10,7 +10,7 @@ import ray
 import uvloop
 
 from api.ops_grpc import query_state
-from tests.hubtest import admin, assert_conserved, onboard, running_hub
+from cluster.testing import admin, assert_conserved, onboard, running_hub
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,7 +106,7 @@ def test_onboard_fund_limit_and_read_positions(database_url):
             status, shards = await admin(hub, "GET", "/state/shards")
             assert status == 200 and len(shards["shards"]) == 2
             status, conservation = await admin(hub, "GET", "/state/conservation")
-            assert conservation["durable"]["XTS"]["imbalance"] == "0.0000"
+            assert conservation["durable"]["XTS"]["imbalance"] == "0"
 
     uvloop.run(scenario())
 

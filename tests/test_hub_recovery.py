@@ -17,7 +17,7 @@ from cluster.ledger_client import ShardUnavailable
 from core.ledger import Outcome
 from core.money import parse_amount, to_decimal
 from protos import ledger_pb2 as pb
-from tests.hubtest import assert_conserved, onboard, running_hub
+from cluster.testing import assert_conserved, onboard, running_hub
 
 
 @pytest.fixture(scope="module", autouse=True)

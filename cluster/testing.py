@@ -1,4 +1,4 @@
-"""Helpers for tests that run a whole hub: start/stop, admin HTTP calls, conservation checks."""
+"""Run a whole hub in-process and drive its admin API: shared by the tests and the benchmarks."""
 
 from __future__ import annotations
 
