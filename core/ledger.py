@@ -173,7 +173,10 @@ class FlushBatch:
 @dataclass(slots=True)
 class Result:
     outcome: Outcome
-    seq: int = 0  # the journal sequence number that made the change durable-trackable; 0 if none
+    # The journal sequence number that made the change durable-trackable; 0 if none. A DUPLICATE or
+    # ALREADY_* result carries the seq of the earlier change it reports (0 once known durable), so a
+    # caller that waits for durability does not answer before that change is durable.
+    seq: int = 0
     state: TransferState | None = None
     credit: Credit | None = None  # a credit leg to deliver to another shard (commit only)
 
@@ -205,8 +208,9 @@ class PositionBook:
         self.outbox: dict[str, Credit] = {}
         # Finished transfers and applied credits, newest last, so retries after a crash or a lost
         # reply are recognised instead of applied twice. Bounded by dedupe_window.
-        self._finished: OrderedDict[str, TransferState] = OrderedDict()
-        self._credited: OrderedDict[str, None] = OrderedDict()
+        # Values carry the seq of the change (0 when loaded, i.e. already durable).
+        self._finished: OrderedDict[str, tuple[TransferState, int]] = OrderedDict()
+        self._credited: OrderedDict[str, int] = OrderedDict()
         # Net flow per currency applied by this book since load: debits minus credits minus reversals.
         self._flow_minor: dict[str, int] = defaultdict(int)
         self._baseline_minor: dict[str, int] = {}
@@ -239,10 +243,10 @@ class PositionBook:
         self.outbox[credit.transfer_id] = credit
 
     def load_finished(self, transfer_id: str, state: TransferState) -> None:
-        self._remember(self._finished, transfer_id, state)
+        self._remember(self._finished, transfer_id, (state, 0))
 
     def load_credited(self, transfer_id: str) -> None:
-        self._remember(self._credited, transfer_id, None)
+        self._remember(self._credited, transfer_id, 0)
 
     # ------------------------------------------------------------------ configuration changes
 
@@ -302,10 +306,10 @@ class PositionBook:
         if not 0 < amount_minor <= MAX_AMOUNT_MINOR:
             return Result(Outcome.INVALID_AMOUNT)
         if transfer_id in self.reservations:
-            return Result(Outcome.DUPLICATE, state=TransferState.RESERVED)
+            return Result(Outcome.DUPLICATE, self.reservations[transfer_id].reserved_seq, TransferState.RESERVED)
         finished = self._finished.get(transfer_id)
         if finished is not None:
-            return Result(Outcome.DUPLICATE, state=finished)
+            return Result(Outcome.DUPLICATE, finished[1], finished[0])
         debit = self.accounts.get(debit_account_id)
         if debit is None:
             return Result(Outcome.UNKNOWN_ACCOUNT)
@@ -361,10 +365,10 @@ class PositionBook:
         debit = self.accounts[reservation.debit_account_id]
         debit.reserved_minor -= reservation.amount_minor
         invariant(debit.reserved_minor >= 0, f"negative reservation on account {debit.account_id}")
-        self._close(reservation, TransferState.COMMITTED)
         seq = self._journal(
             JournalKind.COMMIT, transfer_id, reservation.debit_account_id, reservation.amount_minor, now_ms
         )
+        self._close(reservation, TransferState.COMMITTED, seq)
         credit = Credit(transfer_id, reservation.credit_account_id, reservation.amount_minor, debit.currency)
         if reservation.credit_account_id in self.accounts:
             outcome = self.apply_credit(credit, now_ms)
@@ -404,8 +408,9 @@ class PositionBook:
 
     def apply_credit(self, credit: Credit, now_ms: int) -> Result:
         """Apply a committed transfer's credit leg on an account of this shard, at most once."""
-        if credit.transfer_id in self._credited:
-            return Result(Outcome.DUPLICATE)
+        credited_seq = self._credited.get(credit.transfer_id)
+        if credited_seq is not None:
+            return Result(Outcome.DUPLICATE, credited_seq)
         account = self.accounts.get(credit.credit_account_id)
         if account is None:
             return Result(Outcome.UNKNOWN_ACCOUNT)
@@ -415,8 +420,8 @@ class PositionBook:
         self._flow_minor[account.currency] -= credit.amount_minor
         if account.account_type == AccountType.SETTLEMENT:
             invariant(account.value_minor <= 0, f"settlement account {account.account_id} above zero")
-        self._remember(self._credited, credit.transfer_id, None)
         seq = self._journal(JournalKind.CREDIT, credit.transfer_id, account.account_id, credit.amount_minor, now_ms)
+        self._remember(self._credited, credit.transfer_id, seq)
         return Result(Outcome.OK, seq)
 
     def ack_credits(self, transfer_ids: list[str], now_ms: int) -> int:
@@ -442,7 +447,8 @@ class PositionBook:
     def transfer_state(self, transfer_id: str) -> TransferState | None:
         if transfer_id in self.reservations:
             return TransferState.RESERVED
-        return self._finished.get(transfer_id)
+        finished = self._finished.get(transfer_id)
+        return None if finished is None else finished[0]
 
     def currency_totals(self) -> dict[str, tuple[int, int, int]]:
         """Per currency: (sum of account values, open reservations, outbound credits in flight)."""
@@ -513,22 +519,23 @@ class PositionBook:
         debit.reserved_minor -= reservation.amount_minor
         self._flow_minor[debit.currency] -= reservation.amount_minor
         invariant(debit.reserved_minor >= 0, f"negative reservation on account {debit.account_id}")
-        self._close(reservation, TransferState.ABORTED)
-        return self._journal(kind, reservation.transfer_id, debit.account_id, reservation.amount_minor, now_ms, reason)
+        seq = self._journal(kind, reservation.transfer_id, debit.account_id, reservation.amount_minor, now_ms, reason)
+        self._close(reservation, TransferState.ABORTED, seq)
+        return seq
 
-    def _close(self, reservation: Reservation, state: TransferState) -> None:
+    def _close(self, reservation: Reservation, state: TransferState, seq: int) -> None:
         del self.reservations[reservation.transfer_id]
-        self._remember(self._finished, reservation.transfer_id, state)
+        self._remember(self._finished, reservation.transfer_id, (state, seq))
         pending = self._pending
         if pending.reservations_added.pop(reservation.transfer_id, None) is None:
             pending.reservations_removed.add(reservation.transfer_id)
 
     def _finished_result(self, transfer_id: str) -> Result:
-        state = self._finished.get(transfer_id)
+        state, seq = self._finished.get(transfer_id, (None, 0))
         if state is TransferState.COMMITTED:
-            return Result(Outcome.ALREADY_COMMITTED, state=state)
+            return Result(Outcome.ALREADY_COMMITTED, seq, state)
         if state is TransferState.ABORTED:
-            return Result(Outcome.ALREADY_ABORTED, state=state)
+            return Result(Outcome.ALREADY_ABORTED, seq, state)
         return Result(Outcome.UNKNOWN_TRANSFER)
 
     def _remember(self, window: OrderedDict, key: str, value) -> None:

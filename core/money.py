@@ -8,7 +8,7 @@ currency's major unit, because FSPIOP amounts carry at most 4 decimals whatever 
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 
 SCALE = 4
 MINOR_PER_MAJOR = 10**SCALE
@@ -17,6 +17,8 @@ AMOUNT_PATTERN = re.compile(r"^([0]|([1-9][0-9]{0,17}))([.][0-9]{0,3}[1-9])?$")
 # Tolerant form accepted from operators on the admin API (trailing zeros allowed, as central-ledger does).
 _ADMIN_AMOUNT_PATTERN = re.compile(r"^(0|[1-9][0-9]{0,17})(\.[0-9]{1,4})?$")
 MAX_AMOUNT_MINOR = (10**18) * MINOR_PER_MAJOR - 1
+# Moving the decimal point must never round, whatever the thread's decimal context says.
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 
 class AmountError(ValueError):
@@ -32,7 +34,7 @@ def parse_amount(text: str, *, strict: bool = True) -> int:
     if not isinstance(text, str):
         raise AmountError("amount must be a string")
     pattern = AMOUNT_PATTERN if strict else _ADMIN_AMOUNT_PATTERN
-    if pattern.match(text) is None:
+    if pattern.fullmatch(text) is None:  # match() would let "$" accept a trailing newline
         raise AmountError(f"invalid amount {text!r}")
     whole, _, fraction = text.partition(".")
     return int(whole) * MINOR_PER_MAJOR + int(fraction.ljust(SCALE, "0") or "0")
@@ -49,12 +51,16 @@ def format_amount(amount_minor: int) -> str:
 
 def to_decimal(amount_minor: int) -> Decimal:
     """Ledger minor units to a Decimal of major units (for NUMERIC columns and reports)."""
-    return Decimal(amount_minor).scaleb(-SCALE)
+    return Decimal(amount_minor).scaleb(-SCALE, context=_EXACT)
 
 
 def from_decimal(value: Decimal | int) -> int:
     """A Decimal of major units back to ledger minor units; refuses anything finer than the scale."""
-    scaled = Decimal(value).scaleb(SCALE)
+    if isinstance(value, bool) or not isinstance(value, Decimal | int):
+        raise AmountError(f"amount must be a Decimal or an int, not {type(value).__name__}")
+    if not Decimal(value).is_finite():
+        raise AmountError(f"{value} is not a finite amount")
+    scaled = Decimal(value).scaleb(SCALE, context=_EXACT)
     if scaled != scaled.to_integral_value():
         raise AmountError(f"{value} has more than {SCALE} decimals")
     return int(scaled)

@@ -25,10 +25,10 @@ from pathlib import Path
 import asyncpg
 import uvloop
 
+from cluster.testing import onboard, running_hub
 from core.ledger import Outcome
 from core.money import parse_amount
 from protos import ledger_pb2 as pb
-from cluster.testing import onboard, running_hub
 
 RESULTS = Path(__file__).with_name("results")
 

@@ -14,10 +14,10 @@ import ray
 import uvloop
 
 from cluster.ledger_client import ShardUnavailable
+from cluster.testing import assert_conserved, onboard, running_hub
 from core.ledger import Outcome
 from core.money import parse_amount, to_decimal
 from protos import ledger_pb2 as pb
-from cluster.testing import assert_conserved, onboard, running_hub
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -47,7 +47,7 @@ from core.ledger import (
 from core.money import MAX_AMOUNT_MINOR, MINOR_PER_MAJOR
 
 SEED_COUNT = 20
-STEPS = 300
+STEPS = 400
 _ENV_SEED = os.environ.get("RAYLOOP_SIM_SEED")
 _BASE_SEED = int(_ENV_SEED) if _ENV_SEED else random.SystemRandom().randrange(2**32)
 SEEDS = [_BASE_SEED] if _ENV_SEED else [_BASE_SEED + i for i in range(SEED_COUNT)]
