@@ -32,7 +32,8 @@ def _up(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
         try:
             await hub.start()
-            print(f"rayloop hub is up: admin API http://{config.admin_host}:{hub.admin_port}, "
+            print(f"rayloop hub is up: FSPIOP API http://{config.fspiop_host}:{hub.fspiop_port}, "
+                  f"admin API http://{config.admin_host}:{hub.admin_port}, "
                   f"ops gRPC {config.ops_grpc_host}:{hub.ops_port}. Ctrl-C stops it.", flush=True)
             await stop.wait()
         finally:

@@ -46,8 +46,10 @@ from core.ledger import (
     Outcome,
     PositionBook,
     Result,
+    TransferState,
 )
 from core.money import format_amount
+from core.transfers import Decision, TransferDesk, TransferRecord, Verdict
 from protos import ledger_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,9 @@ class ShardSettings:
     events_max: int = 100_000
     pool_size: int = 2
     flush_latency_samples: int = 256
+    checkpoint_interval_ms: int = 1_000  # how often open reservations and owed credits reach their tables
+    checkpoint_max_entries: int = 100_000  # journal rows after a checkpoint: bounds the replay at recovery
+    hub_name: str = "Hub"  # FSPIOP-Source of the expiry callbacks this shard sends
 
 
 class Overloaded(RuntimeError):
@@ -96,6 +101,9 @@ class PositionShard:
         self._on_fatal = on_fatal or _exit_process
         self._started: asyncio.Task | None = None
         self.book: PositionBook | None = None
+        self.desk: TransferDesk | None = None
+        self.notifier = None  # api.fspiop.transfers.TransferNotifier, for expiry callbacks
+        self._expired_decisions: deque[Decision] = deque()
         self._pool: asyncpg.Pool | None = None
         self._store: ShardStore | None = None
         self._durable_seq = 0
@@ -109,6 +117,9 @@ class PositionShard:
         self._flush_ms: deque[float] = deque(maxlen=settings.flush_latency_samples)
         self._flushes = 0
         self._waiting_calls = 0
+        self._checkpoint_seq = 0
+        self._last_checkpoint = time.monotonic()
+        self._checkpoint_due = False
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -126,12 +137,17 @@ class PositionShard:
         )
         self._store = ShardStore(self._pool, self.shard_id)
         self.book = await self._store.load(dedupe_window=self.settings.dedupe_window)
+        self.desk = TransferDesk(self.book, window=self.settings.dedupe_window)
+        await self._store.load_transfers(self.desk, window=self.settings.dedupe_window)
+        self.notifier = await self._make_notifier()
         self._durable_seq = self.book.seq
+        self._checkpoint_seq = self._store.checkpoint_seq
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._flush_loop(), name=f"shard{self.shard_id}-flush"),
             loop.create_task(self._expiry_loop(), name=f"shard{self.shard_id}-expiry"),
             loop.create_task(self._outbox_loop(), name=f"shard{self.shard_id}-outbox"),
+            loop.create_task(self._checkpoint_loop(), name=f"shard{self.shard_id}-checkpoint"),
         ]
         log.info(
             "shard %s ready: %d participants, %d accounts, %d open reservations, %d credits owed, seq %d",
@@ -144,12 +160,22 @@ class PositionShard:
         if self._started is None:
             return
         await self._started
-        if self.book.seq > self._durable_seq:
-            await self._wait_durable(self.book.seq)
+        # A final checkpoint: the next start replays no journal tail.
+        self._checkpoint_due = True
+        self._changed.set()
+        await self._wait_checkpointed()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.notifier is not None:
+            await self.notifier.close()
         await self._pool.close()
+
+    async def _make_notifier(self):
+        """Expiry callbacks leave from the shard that decides them (imported late: api depends on us)."""
+        from api.fspiop.transfers import TransferNotifier
+
+        return await TransferNotifier.create(self._pool, hub_name=self.settings.hub_name)
 
     # ------------------------------------------------------------------ commands
 
@@ -161,6 +187,7 @@ class PositionShard:
         # Prefetch phase: I/O happens before the apply loop, never between a check and its update.
         loads = [c.load_account.account_id for c in batch.commands if c.HasField("load_account")]
         loaded = await self._fetch_accounts(loads) if loads else {}
+        await self._prefetch_transfers(batch)
         book = self.book
         now_ms = self._clock_ms()
         reply = pb.BatchResult()
@@ -172,7 +199,10 @@ class PositionShard:
                 credits.append(result.credit)
             if result.seq > max_seq:
                 max_seq = result.seq
-            reply.results.add(outcome=result.outcome, seq=result.seq, state=result.state or "")
+            if isinstance(result, Decision):
+                _add_decision(reply, result)
+            else:
+                reply.results.add(outcome=result.outcome, seq=result.seq, state=result.state or "")
         if max_seq:
             self._changed.set()
         if batch.wait_durable:
@@ -214,6 +244,30 @@ class PositionShard:
         if op == "set_participant_active":
             return book.set_participant_active(command.set_participant_active.participant,
                                                command.set_participant_active.is_active, now_ms)
+        if op == "prepare_transfer":
+            p = command.prepare_transfer
+            return self.desk.prepare(TransferRecord(
+                transfer_id=p.transfer_id, payer=p.payer, payee=p.payee, currency=p.currency,
+                amount_minor=int(p.amount_minor), condition=p.condition, expires_at_ms=p.expires_at_ms,
+                prepare_hash=p.prepare_hash, payer_account_id=p.payer_account_id, payee_account_id=p.payee_account_id,
+                created_ms=now_ms, version=p.version or "1.1", prepare_request_id=p.request_id,
+            ), now_ms)
+        if op == "fulfil_transfer":
+            f = command.fulfil_transfer
+            return self.desk.fulfil(
+                f.transfer_id, fulfilment=f.fulfilment, fulfil_hash=f.fulfil_hash, completed_ms=f.completed_ms or None,
+                reserved_mode=f.reserved_mode, source=f.source, destination=f.destination, now_ms=now_ms,
+                request_id=f.request_id,
+            )
+        if op == "reject_transfer":
+            r = command.reject_transfer
+            return self.desk.reject(r.transfer_id, source=r.source, error_code=r.error_code,
+                                    description=r.description, now_ms=now_ms)
+        if op == "get_transfer":
+            found = self.desk.get(command.get_transfer.transfer_id)
+            if found is None:
+                return Decision(Verdict.UNKNOWN, None, 0, 3208, "Transfer ID not found")
+            return Decision(Verdict.RESEND, found[0], found[1])
         if op == "load_account":
             found = loaded.get(command.load_account.account_id)
             if found is None:
@@ -223,6 +277,22 @@ class PositionShard:
             book.add_account(account)
             return Result(Outcome.OK)
         raise InvariantViolation(f"unknown command {op!r}")
+
+    async def _prefetch_transfers(self, batch: pb.CommandBatch) -> None:
+        """Transfers older than the desk's window come back from Postgres before the apply loop."""
+        wanted = []
+        for command in batch.commands:
+            op = command.WhichOneof("op")
+            if op in ("prepare_transfer", "fulfil_transfer", "reject_transfer", "get_transfer"):
+                transfer_id = getattr(command, op).transfer_id
+                if not self.desk.knows(transfer_id):
+                    wanted.append(transfer_id)
+        if not wanted:
+            return
+        for record in await self._store.fetch_transfers(wanted):
+            if record.payer in self.book.participants and not self.desk.knows(record.transfer_id):
+                if record.state is not TransferState.RESERVED:
+                    self.desk.load(record)
 
     async def _fetch_accounts(self, account_ids: list[int]) -> dict[int, tuple[str, bool, Account]]:
         found = {}
@@ -266,18 +336,40 @@ class PositionShard:
         finally:
             self._waiting_calls -= 1
 
+    async def _wait_checkpointed(self) -> None:
+        while self._checkpoint_due or self._durable_seq < self.book.seq:
+            self._flushed.clear()
+            self._changed.set()
+            await self._flushed.wait()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_interval_ms / 1000)
+            if self.book.checkpoint_pending():
+                self._checkpoint_due = True
+                self._changed.set()
+
     async def _flush_loop(self) -> None:
         while True:
             await self._changed.wait()
             self._changed.clear()
-            batch = self.book.drain()
-            if not batch.entries:
+            checkpoint = self._checkpoint_due or (
+                self.book.seq - self._checkpoint_seq >= self.settings.checkpoint_max_entries
+            )
+            self._checkpoint_due = False
+            batch = self.book.drain(checkpoint=checkpoint)
+            batch.transfer_inserts, batch.transfer_updates = self.desk.drain()
+            if batch.is_empty():
+                self._flushed.set()
                 continue
             started = time.perf_counter()
             await self._write(batch)
             self._flush_ms.append((time.perf_counter() - started) * 1000)
             self._flushes += 1
             self._durable_seq = batch.last_seq
+            if checkpoint:
+                self._checkpoint_seq = batch.last_seq
+                self._last_checkpoint = time.monotonic()
             waiters = self._waiters
             while waiters and waiters[0][0] <= self._durable_seq:
                 _, future = waiters.popleft()
@@ -287,6 +379,11 @@ class PositionShard:
             while expired and expired[0][0] <= self._durable_seq:
                 seq, transfer_id = expired.popleft()
                 self.events.append((seq, transfer_id, Outcome.EXPIRED.value))
+            decisions = self._expired_decisions
+            while decisions and decisions[0].seq <= self._durable_seq:
+                # Only now, with the abort durable, may the DFSPs hear of it.
+                record = decisions.popleft().record
+                asyncio.get_running_loop().create_task(self.notifier.expired(record))
             self._flushed.set()
 
     async def _write(self, batch) -> None:
@@ -318,10 +415,15 @@ class PositionShard:
         tick_s = self.settings.expiry_tick_ms / 1000
         while True:
             await asyncio.sleep(tick_s)
-            expired = self.book.expire(self._clock_ms())
-            if expired:
-                for transfer_id, result in expired:
-                    self._expired_pending.append((result.seq, transfer_id))
+            now_ms = self._clock_ms()
+            # Transfers get callbacks once the abort is durable; other reservations only an event.
+            decisions, expired = self.desk.expire(now_ms)
+            for decision in decisions:
+                self._expired_pending.append((decision.seq, decision.record.transfer_id))
+                self._expired_decisions.append(decision)
+            for transfer_id, result in expired:
+                self._expired_pending.append((result.seq, transfer_id))
+            if decisions or expired:
                 self._changed.set()
 
     async def wait_events(self, after_seq: int, timeout_ms: int = 1_000, max_events: int = 1_000) -> list:
@@ -374,8 +476,7 @@ class PositionShard:
                 else:
                     acked.extend(outcome)
             if acked:
-                self.book.ack_credits(acked, self._clock_ms())
-                self._changed.set()
+                self.book.ack_credits(acked)
             return len(credits) - len(acked)
         finally:
             self._delivering.difference_update(c.transfer_id for c in credits)
@@ -466,6 +567,7 @@ class PositionShard:
             "waiting_calls": self._waiting_calls,
             "last_seq": self.book.seq,
             "last_durable_seq": self._durable_seq,
+            "checkpoint_seq": self._checkpoint_seq,
             "last_flush_ms": self._flush_ms[-1] if self._flush_ms else 0.0,
             "flush_p50_ms": samples[len(samples) // 2] if samples else 0.0,
             "flush_p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))] if samples else 0.0,
@@ -524,3 +626,26 @@ def _exit_process(reason: str) -> None:
     # Ray restarts the actor process; it rebuilds from Postgres, which holds only durable changes.
     logging.shutdown()
     os._exit(70)
+
+
+def _add_decision(reply: pb.BatchResult, decision: Decision) -> None:
+    result = reply.results.add(
+        outcome=decision.verdict.value, seq=decision.seq, error_code=decision.error_code or 0,
+        error_description=decision.error_description or "",
+    )
+    record = decision.record
+    if record is not None:
+        result.state = record.state.value
+        view = result.transfer
+        view.transfer_id = record.transfer_id
+        view.payer = record.payer
+        view.payee = record.payee
+        view.state = record.state.value
+        view.fulfilment = record.fulfilment or ""
+        view.completed_ms = record.completed_ms or 0
+        view.reserved_mode = record.reserved_mode
+        view.error_code = record.error_code or 0
+        view.error_description = record.error_description or ""
+        view.currency = record.currency
+        view.amount_minor = str(record.amount_minor)
+        view.version = record.version

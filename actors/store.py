@@ -8,8 +8,10 @@ from core.ledger import (
     TERMINAL_KINDS,
     Account,
     AccountType,
+    Checkpoint,
     Credit,
     FlushBatch,
+    JournalEntry,
     JournalKind,
     PositionBook,
     Reservation,
@@ -17,8 +19,13 @@ from core.ledger import (
     invariant,
 )
 from core.money import from_decimal, to_decimal
+from core.recovery import Replay
+from core.transfers import TransferDesk, TransferRecord
 
-_JOURNAL_COLUMNS = ("shard_id", "seq", "kind", "transfer_id", "account_id", "amount", "reason", "at_ms")
+_JOURNAL_COLUMNS = (
+    "shard_id", "seq", "kind", "transfer_id", "account_id", "amount", "reason", "at_ms", "counter_account_id",
+    "expires_at_ms",
+)
 _RESERVATION_COLUMNS = (
     "transfer_id", "shard_id", "debit_account_id", "credit_account_id", "amount", "expires_at_ms", "reserved_seq",
 )
@@ -33,6 +40,7 @@ class ShardStore:
     def __init__(self, pool: asyncpg.Pool, shard_id: int):
         self.pool = pool
         self.shard_id = shard_id
+        self.checkpoint_seq = 0  # as found by the last load
 
     async def load(self, *, dedupe_window: int) -> PositionBook:
         """Rebuild the shard's book from Postgres and check its invariants before it serves."""
@@ -42,7 +50,11 @@ class ShardStore:
                 "INSERT INTO shard (shard_id) VALUES ($1) ON CONFLICT DO NOTHING", shard
             )
             async with connection.transaction(isolation="repeatable_read", readonly=True):
-                last_seq = await connection.fetchval("SELECT last_durable_seq FROM shard WHERE shard_id = $1", shard)
+                shard_row = await connection.fetchrow(
+                    "SELECT last_durable_seq, checkpoint_seq FROM shard WHERE shard_id = $1", shard
+                )
+                last_seq, checkpoint_seq = shard_row["last_durable_seq"], shard_row["checkpoint_seq"]
+                self.checkpoint_seq = checkpoint_seq
                 journal_seq = await connection.fetchval(
                     "SELECT coalesce(max(seq), 0) FROM journal WHERE shard_id = $1", shard
                 )
@@ -59,25 +71,46 @@ class ShardStore:
                     shard,
                 ):
                     book.load_account(_account_from_row(row))
-                for row in await connection.fetch(
-                    "SELECT transfer_id, debit_account_id, credit_account_id, amount, expires_at_ms, reserved_seq"
-                    " FROM open_reservation WHERE shard_id = $1 ORDER BY reserved_seq",
-                    shard,
-                ):
-                    book.load_reservation(
-                        Reservation(
-                            row["transfer_id"], row["debit_account_id"], row["credit_account_id"],
-                            from_decimal(row["amount"]), row["expires_at_ms"], row["reserved_seq"],
-                        )
+                table_reservations = [
+                    Reservation(row["transfer_id"], row["debit_account_id"], row["credit_account_id"],
+                                from_decimal(row["amount"]), row["expires_at_ms"], row["reserved_seq"])
+                    for row in await connection.fetch(
+                        "SELECT transfer_id, debit_account_id, credit_account_id, amount, expires_at_ms, reserved_seq"
+                        " FROM open_reservation WHERE shard_id = $1 ORDER BY reserved_seq",
+                        shard,
                     )
-                for row in await connection.fetch(
-                    "SELECT transfer_id, credit_account_id, amount, currency FROM pending_credit WHERE shard_id = $1",
-                    shard,
-                ):
-                    book.load_outbox_credit(
-                        Credit(row["transfer_id"], row["credit_account_id"], from_decimal(row["amount"]),
-                               row["currency"].strip())
+                ]
+                table_credits = [
+                    Credit(row["transfer_id"], row["credit_account_id"], from_decimal(row["amount"]),
+                           row["currency"].strip())
+                    for row in await connection.fetch(
+                        "SELECT transfer_id, credit_account_id, amount, currency FROM pending_credit"
+                        " WHERE shard_id = $1",
+                        shard,
                     )
+                ]
+                replay = Replay.from_tables(table_reservations, table_credits)
+                tail = [
+                    JournalEntry(row["seq"], JournalKind(row["kind"]), row["transfer_id"], row["account_id"] or 0,
+                                 from_decimal(row["amount"]), row["at_ms"], row["reason"],
+                                 row["counter_account_id"] or 0, row["expires_at_ms"])
+                    for row in await connection.fetch(
+                        "SELECT seq, kind, transfer_id, account_id, amount, at_ms, reason, counter_account_id,"
+                        " expires_at_ms FROM journal WHERE shard_id = $1 AND seq > $2 AND kind = ANY($3::smallint[])"
+                        " ORDER BY seq",
+                        shard, checkpoint_seq, [int(JournalKind.RESERVE), *(int(k) for k in TERMINAL_KINDS)],
+                    )
+                ]
+                replay.fold(tail, book)
+                owed = replay.owed_credit_ids()
+                delivered = {
+                    row["transfer_id"]
+                    for row in await connection.fetch(
+                        "SELECT transfer_id FROM journal WHERE kind = $1 AND transfer_id = ANY($2::text[])",
+                        int(JournalKind.CREDIT), owed,
+                    )
+                } if owed else set()
+                replay.apply(book, delivered)
                 # The newest finished transfers and applied credits, oldest first, so retries that
                 # arrive after a restart are still recognised as duplicates.
                 finished = await connection.fetch(
@@ -112,25 +145,27 @@ class ShardStore:
     async def flush(self, batch: FlushBatch) -> None:
         """Write one batch atomically; refuses if another incarnation of the shard wrote first."""
         shard = self.shard_id
-        first_seq = batch.entries[0].seq
+        checkpoint = batch.checkpoint
         async with self.pool.acquire() as connection, connection.transaction():
             # The fence: the row must still say what we last wrote, or someone else owns the shard.
             fenced = await connection.fetchval(
-                "UPDATE shard SET last_durable_seq = $2, updated_at = now()"
+                "UPDATE shard SET last_durable_seq = $2, updated_at = now(),"
+                " checkpoint_seq = CASE WHEN $4 THEN $2 ELSE checkpoint_seq END"
                 " WHERE shard_id = $1 AND last_durable_seq = $3 RETURNING shard_id",
-                shard, batch.last_seq, first_seq - 1,
+                shard, batch.last_seq, batch.previous_seq, checkpoint is not None,
             )
             if fenced is None:
-                raise FencedOut(f"shard {shard}: durable sequence moved under us (expected {first_seq - 1})")
-            await connection.copy_records_to_table(
-                "journal",
-                records=[
-                    (shard, e.seq, int(e.kind), e.transfer_id, e.account_id or None, to_decimal(e.amount_minor),
-                     e.reason, e.at_ms)
-                    for e in batch.entries
-                ],
-                columns=_JOURNAL_COLUMNS,
-            )
+                raise FencedOut(f"shard {shard}: durable sequence moved under us (expected {batch.previous_seq})")
+            if batch.entries:
+                await connection.copy_records_to_table(
+                    "journal",
+                    records=[
+                        (shard, e.seq, int(e.kind), e.transfer_id, e.account_id or None, to_decimal(e.amount_minor),
+                         e.reason, e.at_ms, e.counter_account_id or None, e.expires_at_ms)
+                        for e in batch.entries
+                    ],
+                    columns=_JOURNAL_COLUMNS,
+                )
             if batch.accounts:
                 await connection.execute(
                     "UPDATE account AS a SET value = u.value, reserved_value = u.reserved,"
@@ -152,33 +187,108 @@ class ShardStore:
                     [p.name for p in batch.participants],
                     [p.is_active for p in batch.participants],
                 )
-            if batch.reservations_removed:
-                await connection.execute(
-                    "DELETE FROM open_reservation WHERE transfer_id = ANY($1::text[])", batch.reservations_removed
-                )
-            if batch.reservations_added:
+            if checkpoint is not None:
+                await self._write_checkpoint(connection, checkpoint)
+            if batch.transfer_inserts:
                 await connection.copy_records_to_table(
-                    "open_reservation",
-                    records=[
-                        (r.transfer_id, shard, r.debit_account_id, r.credit_account_id, to_decimal(r.amount_minor),
-                         r.expires_at_ms, r.reserved_seq)
-                        for r in batch.reservations_added
-                    ],
-                    columns=_RESERVATION_COLUMNS,
+                    "transfer",
+                    records=[_transfer_row(shard, r) for r in batch.transfer_inserts],
+                    columns=_TRANSFER_COLUMNS,
                 )
-            if batch.credits_removed:
+            if batch.transfer_updates:
+                rows = batch.transfer_updates
                 await connection.execute(
-                    "DELETE FROM pending_credit WHERE transfer_id = ANY($1::text[])", batch.credits_removed
+                    "UPDATE transfer AS t SET state = u.state, fulfilment = u.fulfilment, fulfil_hash = u.fulfil_hash,"
+                    " completed_at_ms = u.completed, reserved_mode = u.reserved_mode, error_code = u.error_code,"
+                    " error_description = u.error_description"
+                    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::boolean[],"
+                    " $7::integer[], $8::text[])"
+                    " AS u(transfer_id, state, fulfilment, fulfil_hash, completed, reserved_mode, error_code,"
+                    " error_description) WHERE t.transfer_id = u.transfer_id",
+                    [r.transfer_id for r in rows], [str(r.state) for r in rows], [r.fulfilment for r in rows],
+                    [r.fulfil_hash for r in rows], [r.completed_ms for r in rows], [r.reserved_mode for r in rows],
+                    [r.error_code for r in rows], [r.error_description for r in rows],
                 )
-            if batch.credits_added:
-                await connection.copy_records_to_table(
-                    "pending_credit",
-                    records=[
-                        (c.transfer_id, shard, c.credit_account_id, to_decimal(c.amount_minor), c.currency)
-                        for c in batch.credits_added
-                    ],
-                    columns=_CREDIT_COLUMNS,
-                )
+
+    async def load_transfers(self, desk: TransferDesk, *, window: int) -> None:
+        """Open transfers of this shard, and the newest finished ones (for duplicates)."""
+        async with self.pool.acquire() as connection:
+            for row in await connection.fetch(
+                f"SELECT {_TRANSFER_SELECT} FROM transfer WHERE shard_id = $1 AND state = 'RESERVED'", self.shard_id
+            ):
+                desk.load(_transfer_from_row(row))
+            finished = await connection.fetch(
+                f"SELECT {_TRANSFER_SELECT} FROM transfer WHERE shard_id = $1 AND state <> 'RESERVED'"
+                " ORDER BY created_at_ms DESC LIMIT $2",
+                self.shard_id, window,
+            )
+            for row in reversed(finished):
+                desk.load(_transfer_from_row(row))
+
+    async def fetch_transfers(self, transfer_ids: list[str]) -> list[TransferRecord]:
+        """Transfers the desk has forgotten (older than its window): duplicates must still be recognised."""
+        rows = await self.pool.fetch(
+            f"SELECT {_TRANSFER_SELECT} FROM transfer WHERE transfer_id = ANY($1::text[])", transfer_ids
+        )
+        return [_transfer_from_row(row) for row in rows]
+
+    async def _write_checkpoint(self, connection: asyncpg.Connection, checkpoint: Checkpoint) -> None:
+        shard = self.shard_id
+        if checkpoint.reservations_delete:
+            await connection.execute(
+                "DELETE FROM open_reservation WHERE transfer_id = ANY($1::text[])", checkpoint.reservations_delete
+            )
+        if checkpoint.reservations_insert:
+            await connection.copy_records_to_table(
+                "open_reservation",
+                records=[
+                    (r.transfer_id, shard, r.debit_account_id, r.credit_account_id, to_decimal(r.amount_minor),
+                     r.expires_at_ms, r.reserved_seq)
+                    for r in checkpoint.reservations_insert
+                ],
+                columns=_RESERVATION_COLUMNS,
+            )
+        if checkpoint.credits_delete:
+            await connection.execute(
+                "DELETE FROM pending_credit WHERE transfer_id = ANY($1::text[])", checkpoint.credits_delete
+            )
+        if checkpoint.credits_insert:
+            await connection.copy_records_to_table(
+                "pending_credit",
+                records=[
+                    (c.transfer_id, shard, c.credit_account_id, to_decimal(c.amount_minor), c.currency)
+                    for c in checkpoint.credits_insert
+                ],
+                columns=_CREDIT_COLUMNS,
+            )
+
+
+_TRANSFER_COLUMNS = (
+    "transfer_id", "shard_id", "payer", "payee", "currency", "amount", "condition", "expires_at_ms", "prepare_hash",
+    "payer_account_id", "payee_account_id", "state", "fulfilment", "fulfil_hash", "completed_at_ms", "reserved_mode",
+    "error_code", "error_description", "version", "created_at_ms",
+)
+_TRANSFER_SELECT = ", ".join(c for c in _TRANSFER_COLUMNS if c != "shard_id")
+
+
+def _transfer_row(shard: int, r: TransferRecord) -> tuple:
+    return (
+        r.transfer_id, shard, r.payer, r.payee, r.currency, to_decimal(r.amount_minor), r.condition, r.expires_at_ms,
+        r.prepare_hash, r.payer_account_id, r.payee_account_id, str(r.state), r.fulfilment, r.fulfil_hash,
+        r.completed_ms, r.reserved_mode, r.error_code, r.error_description, r.version, r.created_ms,
+    )
+
+
+def _transfer_from_row(row: asyncpg.Record) -> TransferRecord:
+    return TransferRecord(
+        transfer_id=row["transfer_id"], payer=row["payer"], payee=row["payee"], currency=row["currency"].strip(),
+        amount_minor=from_decimal(row["amount"]), condition=row["condition"], expires_at_ms=row["expires_at_ms"],
+        prepare_hash=row["prepare_hash"], payer_account_id=row["payer_account_id"] or 0,
+        payee_account_id=row["payee_account_id"] or 0, created_ms=row["created_at_ms"],
+        state=TransferState(row["state"]), fulfilment=row["fulfilment"], fulfil_hash=row["fulfil_hash"],
+        completed_ms=row["completed_at_ms"], reserved_mode=row["reserved_mode"], error_code=row["error_code"],
+        error_description=row["error_description"], version=row["version"],
+    )
 
 
 def _account_from_row(row: asyncpg.Record) -> Account:

@@ -562,6 +562,7 @@ class HttpServer:
         keepalive_timeout_s: float = 75.0,
         too_large_response: Callable[[int], Response] | None = None,
         error_response: Callable[[int], Response] | None = None,
+        reuse_port: bool = False,
     ):
         """``request_timeout_s`` bounds both receiving one request and its handler (408 / 503).
 
@@ -576,6 +577,8 @@ class HttpServer:
         self.request_timeout_s = request_timeout_s
         self.max_connections = max_connections
         self.keepalive_timeout_s = keepalive_timeout_s
+        # Several ingress processes may listen on one port; the kernel spreads connections over them.
+        self.reuse_port = reuse_port
         if too_large_response is not None:
             self.too_large_response = too_large_response  # type: ignore[method-assign]
         if error_response is not None:
@@ -602,7 +605,8 @@ class HttpServer:
         self._close_requested = False
         self._now = loop.time()
         server = await loop.create_server(
-            lambda: _ServerConnection(self), self.host, self.port, reuse_address=True, backlog=1024
+            lambda: _ServerConnection(self), self.host, self.port, reuse_address=True, backlog=1024,
+            reuse_port=self.reuse_port or None,
         )
         self._server = server
         self.port = server.sockets[0].getsockname()[1]

@@ -31,6 +31,16 @@ class HubConfig:
     admin_port: int = 3001
     ops_grpc_host: str = "127.0.0.1"
     ops_grpc_port: int = 50051
+    fspiop_host: str = "127.0.0.1"
+    fspiop_port: int = 3000
+    ingress_workers: int = 1  # FSPIOP ingress processes sharing the port (SO_REUSEPORT)
+    allow_on_us: bool = False  # transfers where payer and payee are the same DFSP
+    ingress_batch_max: int = 256  # commands per Ray call from an ingress to a shard
+    ingress_batch_in_flight: int = 4  # Ray calls in flight per ingress and shard
+    ingress_queue_max: int = 20_000  # commands waiting per ingress and shard before 2005
+    callback_timeout_ms: int = 5_000
+    callback_retries: int = 2
+    callback_queue_max: int = 10_000  # per destination DFSP and ingress process
     actor_call_timeout_ms: int = 30_000  # one Ray call to a shard, durability wait included
     actor_call_retries: int = 3  # retries of a call whose outcome is unknown (actor died)
     shard: ShardSettings = field(default_factory=lambda: ShardSettings(dsn=""))
@@ -40,8 +50,9 @@ class HubConfig:
         shard_values = {
             f.name: _env_int(f"RAYLOOP_SHARD_{f.name.upper()}", f.default)
             for f in fields(ShardSettings)
-            if f.name != "dsn"
+            if f.name not in ("dsn", "hub_name")
         }
+        shard_values["hub_name"] = _env_str("RAYLOOP_HUB_NAME", "Hub")
         values = dict(
             database_url=os.environ.get("RAYLOOP_DATABASE_URL") or None,
             data_dir=Path(_env_str("RAYLOOP_DATA_DIR", ".rayloop")),
@@ -53,6 +64,16 @@ class HubConfig:
             admin_port=_env_int("RAYLOOP_ADMIN_PORT", 3001),
             ops_grpc_host=_env_str("RAYLOOP_OPS_GRPC_HOST", "127.0.0.1"),
             ops_grpc_port=_env_int("RAYLOOP_OPS_GRPC_PORT", 50051),
+            fspiop_host=_env_str("RAYLOOP_FSPIOP_HOST", "127.0.0.1"),
+            fspiop_port=_env_int("RAYLOOP_FSPIOP_PORT", 3000),
+            ingress_workers=_env_int("RAYLOOP_INGRESS_WORKERS", 1),
+            allow_on_us=os.environ.get("RAYLOOP_ALLOW_ON_US", "").lower() in ("1", "true", "yes"),
+            ingress_batch_max=_env_int("RAYLOOP_INGRESS_BATCH_MAX", 256),
+            ingress_batch_in_flight=_env_int("RAYLOOP_INGRESS_BATCH_IN_FLIGHT", 4),
+            ingress_queue_max=_env_int("RAYLOOP_INGRESS_QUEUE_MAX", 20_000),
+            callback_timeout_ms=_env_int("RAYLOOP_CALLBACK_TIMEOUT_MS", 5_000),
+            callback_retries=_env_int("RAYLOOP_CALLBACK_RETRIES", 2),
+            callback_queue_max=_env_int("RAYLOOP_CALLBACK_QUEUE_MAX", 10_000),
             actor_call_timeout_ms=_env_int("RAYLOOP_ACTOR_CALL_TIMEOUT_MS", 30_000),
             actor_call_retries=_env_int("RAYLOOP_ACTOR_CALL_RETRIES", 3),
             shard=ShardSettings(dsn="", **shard_values),

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 
 import asyncpg
 import ray
 
 from actors.ray_shard import start_shard_actor
 from api.admin import AdminApi
+from api.fspiop.ingress import IngressWorker
 from api.http import HttpServer
 from api.ops_grpc import OpsService, start_ops_server
 from cluster.config import HubConfig
@@ -36,6 +38,8 @@ class Hub:
         self.ops_port = 0
         self._started_ray = False
         self.handles: dict[int, object] = {}
+        self.ingress: list = []
+        self.fspiop_port = 0
 
     @property
     def admin_port(self) -> int:
@@ -55,7 +59,7 @@ class Hub:
         await self._bootstrap()
 
         self._init_ray()
-        settings = dataclasses.replace(config.shard, dsn=self.database_url)
+        settings = dataclasses.replace(config.shard, dsn=self.database_url, hub_name=config.hub_name)
         self.handles = {
             shard_id: start_shard_actor(shard_id, settings, config.ray_namespace)
             for shard_id in range(config.shard_count)
@@ -65,15 +69,37 @@ class Hub:
         self.ledger = LedgerClient(
             self.handles, call_timeout_ms=config.actor_call_timeout_ms, retries=config.actor_call_retries
         )
+        await self._start_ingress(settings)
         ops = OpsService(self.pool, self.ledger)
         self.ops_server, self.ops_port = await start_ops_server(ops, config.ops_grpc_host, config.ops_grpc_port)
         admin = AdminApi(self.pool, self.ledger, hub_name=config.hub_name, shard_count=config.shard_count, ops=ops)
         self.admin_server = HttpServer(admin.handle, config.admin_host, config.admin_port)
         await self.admin_server.start()
         log.info(
-            "rayloop hub up: admin http://%s:%d, ops gRPC %s:%d, %d shards",
-            config.admin_host, self.admin_server.port, config.ops_grpc_host, self.ops_port, config.shard_count,
+            "rayloop hub up: FSPIOP http://%s:%d (%d ingress workers), admin http://%s:%d, ops gRPC %s:%d, %d shards",
+            config.fspiop_host, self.fspiop_port, config.ingress_workers, config.admin_host, self.admin_server.port,
+            config.ops_grpc_host, self.ops_port, config.shard_count,
         )
+
+    async def _start_ingress(self, settings) -> None:
+        """FSPIOP ingress workers: Ray actors, each a process with its own uvloop HTTP server."""
+        config = self.config
+        port = config.fspiop_port or _free_port(config.fspiop_host)
+        worker_settings = {
+            "dsn": self.database_url, "hub_name": config.hub_name, "namespace": config.ray_namespace,
+            "shard_count": config.shard_count, "host": config.fspiop_host, "port": port,
+            "allow_on_us": config.allow_on_us, "batch_max": config.ingress_batch_max,
+            "batch_in_flight": config.ingress_batch_in_flight, "queue_max": config.ingress_queue_max,
+            "callback_timeout_ms": config.callback_timeout_ms, "callback_retries": config.callback_retries,
+            "callback_queue_max": config.callback_queue_max, "actor_call_timeout_ms": config.actor_call_timeout_ms,
+            "actor_call_retries": config.actor_call_retries,
+        }
+        self.ingress = [
+            IngressActor.options(name=f"rayloop-ingress-{i}", namespace=config.ray_namespace).remote(worker_settings)
+            for i in range(config.ingress_workers)
+        ]
+        ports = await asyncio.gather(*(_await(w.start.remote()) for w in self.ingress))
+        self.fspiop_port = ports[0]
 
     def _init_ray(self) -> None:
         if ray.is_initialized():
@@ -114,6 +140,13 @@ class Hub:
             await self.admin_server.stop()
         if self.ops_server is not None:
             await self.ops_server.stop(grace=1)
+        for worker in self.ingress:
+            try:
+                await _await(worker.stop.remote())
+            except ray.exceptions.RayActorError as error:
+                log.warning("ingress stop: %r", error)
+            ray.kill(worker, no_restart=True)
+        self.ingress = []
         if self.handles:
             # Let each shard flush what it holds before its process goes.
             results = await asyncio.gather(
@@ -136,3 +169,14 @@ class Hub:
 
 async def _await(ref):
     return await ref
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+# Ingress workers are restarted by Ray if their process dies (they hold no state); num_cpus=0 lets
+# several share a node with the shards.
+IngressActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(IngressWorker)

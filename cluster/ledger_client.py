@@ -66,3 +66,59 @@ class LedgerClient:
 
 async def _await_ref(ref):
     return await ref
+
+
+class ShardBatcher:
+    """Collects commands for one shard from many concurrent requests into few Ray calls.
+
+    A call goes out as soon as fewer than ``max_in_flight`` are in flight; while they are, new
+    commands wait and leave together in the next call (up to ``batch_max``). Under light load a
+    command leaves at once; under heavy load each Ray call carries many. At most ``queue_max``
+    commands wait; beyond that ``submit`` raises ``Overloaded`` (the caller answers 2005).
+    """
+
+    def __init__(self, ledger: LedgerClient, shard_id: int, *, batch_max: int = 256, max_in_flight: int = 4,
+                 queue_max: int = 20_000):
+        self.ledger = ledger
+        self.shard_id = shard_id
+        self.batch_max = batch_max
+        self.max_in_flight = max_in_flight
+        self.queue_max = queue_max
+        self._waiting: list[tuple[pb.Command, asyncio.Future]] = []
+        self._in_flight = 0
+        self.calls = 0
+        self.commands = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    async def submit(self, command: pb.Command) -> pb.CommandResult:
+        if len(self._waiting) >= self.queue_max:
+            raise Overloaded(f"shard {self.shard_id}: {len(self._waiting)} commands waiting")
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((command, future))
+        self._pump()
+        return await future
+
+    def _pump(self) -> None:
+        while self._waiting and self._in_flight < self.max_in_flight:
+            batch, self._waiting = self._waiting[: self.batch_max], self._waiting[self.batch_max:]
+            self._in_flight += 1
+            asyncio.get_running_loop().create_task(self._send(batch))
+
+    async def _send(self, batch: list[tuple[pb.Command, asyncio.Future]]) -> None:
+        try:
+            reply = await self.ledger.execute(self.shard_id, [command for command, _ in batch])
+            self.calls += 1
+            self.commands += len(batch)
+            for (_, future), result in zip(batch, reply.results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        except Exception as error:  # every waiter must learn the call failed, whatever the failure
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+        finally:
+            self._in_flight -= 1
+            self._pump()

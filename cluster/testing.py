@@ -22,6 +22,7 @@ async def running_hub(database_url: str, *, shards: int = 2, **overrides):
         database_url=database_url,
         shard_count=shards,
         admin_port=0,
+        fspiop_port=0,
         ops_grpc_port=0,
         ray_namespace=f"rayloop-test-{uuid.uuid4().hex[:8]}",
         data_dir=Path("/tmp/rayloop-test-unused"),
@@ -87,3 +88,63 @@ async def assert_conserved(hub: Hub) -> None:
         assert row["imbalance"] == 0, f"durable {row['currency']} imbalance {row['imbalance']}"
     for currency, (values, reserved, owed) in (await hub.ledger.totals()).items():
         assert values - reserved - owed == 0, f"live {currency}: {values} - {reserved} - {owed} != 0"
+
+
+class HubThread:
+    """A hub running on its own uvloop thread, so tests (each on its own loop) can share one hub."""
+
+    def __init__(self, database_url: str, *, shards: int = 2, **overrides):
+        import threading
+
+        self._database_url = database_url
+        self._shards = shards
+        self._overrides = overrides
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.hub: Hub | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="hub", daemon=True)
+
+    def start(self) -> HubThread:
+        self._thread.start()
+        self._ready.wait(timeout=180)
+        if self._error is not None:
+            raise RuntimeError("hub failed to start") from self._error
+        return self
+
+    def _run(self) -> None:
+        import uvloop
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                async with running_hub(self._database_url, shards=self._shards, **self._overrides) as hub:
+                    self.hub = hub
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as error:  # reported to start(); the thread must not die silently
+                self._error = error
+                self._ready.set()
+
+        uvloop.run(main())
+
+    def call(self, coroutine, timeout_s: float = 60.0):
+        """Run a coroutine on the hub's loop (e.g. ``assert_conserved(thread.hub)``) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    async def acall(self, coroutine, timeout_s: float = 60.0):
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
+
+    def stop(self) -> None:
+        if self.loop is not None and self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=120)
+
+    @property
+    def fspiop_url(self) -> str:
+        return f"http://127.0.0.1:{self.hub.fspiop_port}"
+
+    def admin(self, method: str, path: str, body=None) -> tuple[int, object]:
+        return _request(self.hub.admin_port, method, path, body)

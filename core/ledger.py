@@ -95,10 +95,11 @@ class JournalKind(IntEnum):
     ABORT = 3  # debit leg reversed (value -= amount, reserved -= amount)
     EXPIRE = 4  # as ABORT, because the reservation passed its expiration
     CREDIT = 5  # credit leg applied on the credit account (value -= amount)
-    CREDIT_ACKED = 6  # the owning shard made our outbound credit durable; outbox entry dropped
+    # 6 was CREDIT_ACKED in an unreleased draft; acknowledgements are not money and are not journaled.
     LIMIT = 7  # net debit cap set (amount = new cap)
     ACCOUNT_ACTIVE = 8  # account activated (amount 1) or deactivated (amount 0)
     PARTICIPANT_ACTIVE = 9  # participant activated (amount 1) or deactivated (amount 0)
+    REFUSE = 10  # a transfer prepare refused (liquidity, limit, inactive): no money moved
 
 
 TERMINAL_KINDS = (JournalKind.COMMIT, JournalKind.ABORT, JournalKind.EXPIRE)
@@ -151,23 +152,46 @@ class JournalEntry:
     amount_minor: int
     at_ms: int
     reason: str = ""
+    # RESERVE and COMMIT rows carry what recovery needs to rebuild open reservations and the
+    # outbox from the journal tail: the other account of the transfer, and the expiry.
+    counter_account_id: int = 0
+    expires_at_ms: int | None = None
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """Open reservations and owed credits not yet in their tables, and those to delete from them.
+
+    Between checkpoints they live only in memory and in the journal; recovery loads the tables
+    (the state at the last checkpoint) and replays the journal rows written after it. Most
+    reservations open and close between two checkpoints and never touch the tables at all.
+    """
+
+    reservations_insert: list[Reservation]
+    reservations_delete: list[str]
+    credits_insert: list[Credit]
+    credits_delete: list[str]
 
 
 @dataclass(slots=True)
 class FlushBatch:
-    """Everything that changed since the last drain, netted, ready to be written in one transaction."""
+    """Everything that changed since the last drain, ready to be written in one transaction."""
 
     entries: list[JournalEntry]
     accounts: list[Account]  # snapshots (copies) of the accounts touched
     participants: list[Participant]
-    reservations_added: list[Reservation]
-    reservations_removed: list[str]
-    credits_added: list[Credit]
-    credits_removed: list[str]
     last_seq: int
+    previous_seq: int  # the durable sequence number this batch follows (the fence)
+    checkpoint: Checkpoint | None = None
+    # FSPIOP transfer records (core.transfers.TransferRecord) new and changed since the last drain.
+    transfer_inserts: list = field(default_factory=list)
+    transfer_updates: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def is_empty(self) -> bool:
+        return not self.entries and self.checkpoint is None
 
 
 @dataclass(slots=True)
@@ -186,10 +210,6 @@ class _Pending:
     entries: list[JournalEntry] = field(default_factory=list)
     account_ids: set[int] = field(default_factory=set)
     participant_names: set[str] = field(default_factory=set)
-    reservations_added: dict[str, Reservation] = field(default_factory=dict)
-    reservations_removed: set[str] = field(default_factory=set)
-    credits_added: dict[str, Credit] = field(default_factory=dict)
-    credits_removed: set[str] = field(default_factory=set)
 
 
 class PositionBook:
@@ -215,6 +235,13 @@ class PositionBook:
         self._flow_minor: dict[str, int] = defaultdict(int)
         self._baseline_minor: dict[str, int] = {}
         self._pending = _Pending()
+        self._drained_seq = last_seq
+        # Which open reservations and owed credits are in their tables (written at a checkpoint),
+        # and which of those have since closed, so the next checkpoint deletes them.
+        self._persisted_reservations: set[str] = set()
+        self._closed_persisted_reservations: set[str] = set()
+        self._persisted_credits: set[str] = set()
+        self._acked_persisted_credits: set[str] = set()
 
     # ------------------------------------------------------------------ loading (recovery)
 
@@ -228,9 +255,12 @@ class PositionBook:
         self._account_index[(account.participant, account.currency, account.account_type)] = account.account_id
         self._baseline_minor[account.currency] = self._baseline_minor.get(account.currency, 0) + account.value_minor
 
-    def load_reservation(self, reservation: Reservation) -> None:
+    def load_reservation(self, reservation: Reservation, *, persisted: bool = True) -> None:
+        """An open reservation: from its table (``persisted``) or replayed from the journal tail."""
         invariant(reservation.debit_account_id in self.accounts, "reservation on an account this shard lacks")
         self.reservations[reservation.transfer_id] = reservation
+        if persisted:
+            self._persisted_reservations.add(reservation.transfer_id)
         if reservation.expires_at_ms is not None:
             heapq.heappush(self._expiry_heap, (reservation.expires_at_ms, reservation.transfer_id))
         currency = self.accounts[reservation.debit_account_id].currency
@@ -239,8 +269,15 @@ class PositionBook:
         self._baseline_minor[currency] -= reservation.amount_minor
         self._flow_minor[currency] += reservation.amount_minor
 
-    def load_outbox_credit(self, credit: Credit) -> None:
+    def load_outbox_credit(self, credit: Credit, *, persisted: bool = True) -> None:
         self.outbox[credit.transfer_id] = credit
+        if persisted:
+            self._persisted_credits.add(credit.transfer_id)
+
+    def load_closed_since_checkpoint(self, reservation_ids: list[str], credit_ids: list[str]) -> None:
+        """Rows still in the tables whose reservation closed (or credit arrived) after the checkpoint."""
+        self._closed_persisted_reservations.update(reservation_ids)
+        self._acked_persisted_credits.update(credit_ids)
 
     def load_finished(self, transfer_id: str, state: TransferState) -> None:
         self._remember(self._finished, transfer_id, (state, 0))
@@ -331,12 +368,14 @@ class PositionBook:
         debit.value_minor += amount_minor
         debit.reserved_minor += amount_minor
         self._flow_minor[debit.currency] += amount_minor
-        seq = self._journal(JournalKind.RESERVE, transfer_id, debit_account_id, amount_minor, now_ms)
+        seq = self._journal(
+            JournalKind.RESERVE, transfer_id, debit_account_id, amount_minor, now_ms,
+            counter_account_id=credit_account_id, expires_at_ms=expires_at_ms,
+        )
         reservation = Reservation(
             transfer_id, debit_account_id, credit_account_id, amount_minor, expires_at_ms, seq
         )
         self.reservations[transfer_id] = reservation
-        self._pending.reservations_added[transfer_id] = reservation
         if expires_at_ms is not None:
             heapq.heappush(self._expiry_heap, (expires_at_ms, transfer_id))
         return Result(Outcome.OK, seq, TransferState.RESERVED)
@@ -366,7 +405,8 @@ class PositionBook:
         debit.reserved_minor -= reservation.amount_minor
         invariant(debit.reserved_minor >= 0, f"negative reservation on account {debit.account_id}")
         seq = self._journal(
-            JournalKind.COMMIT, transfer_id, reservation.debit_account_id, reservation.amount_minor, now_ms
+            JournalKind.COMMIT, transfer_id, reservation.debit_account_id, reservation.amount_minor, now_ms,
+            counter_account_id=reservation.credit_account_id,
         )
         self._close(reservation, TransferState.COMMITTED, seq)
         credit = Credit(transfer_id, reservation.credit_account_id, reservation.amount_minor, debit.currency)
@@ -375,16 +415,23 @@ class PositionBook:
             invariant(outcome.outcome is Outcome.OK, f"local credit of {transfer_id} failed: {outcome.outcome}")
             return Result(Outcome.OK, outcome.seq, TransferState.COMMITTED)
         self.outbox[transfer_id] = credit
-        self._pending.credits_added[transfer_id] = credit
         return Result(Outcome.OK, seq, TransferState.COMMITTED, credit)
 
-    def abort(self, transfer_id: str, now_ms: int, reason: str = "") -> Result:
-        """Reverse the debit leg of an open reservation."""
+    def abort(
+        self, transfer_id: str, now_ms: int, reason: str = "", *, kind: JournalKind = JournalKind.ABORT
+    ) -> Result:
+        """Reverse the debit leg of an open reservation (``kind`` EXPIRE when it is past its expiry)."""
+        invariant(kind in (JournalKind.ABORT, JournalKind.EXPIRE), f"abort cannot journal {kind}")
         reservation = self.reservations.get(transfer_id)
         if reservation is None:
             return self._finished_result(transfer_id)
-        seq = self._reverse(reservation, JournalKind.ABORT, now_ms, reason)
+        seq = self._reverse(reservation, kind, now_ms, reason)
         return Result(Outcome.OK, seq, TransferState.ABORTED)
+
+    def note(self, kind: JournalKind, transfer_id: str, account_id: int, now_ms: int, reason: str) -> int:
+        """Journal an event that moves no money (a refused prepare), so it is durable and ordered."""
+        invariant(kind is JournalKind.REFUSE, f"note cannot journal {kind}")
+        return self._journal(kind, transfer_id, account_id, 0, now_ms, reason[:200])
 
     def expire(self, now_ms: int) -> list[tuple[str, Result]]:
         """Abort every open reservation whose expiration is at or before ``now_ms``."""
@@ -424,20 +471,21 @@ class PositionBook:
         self._remember(self._credited, credit.transfer_id, seq)
         return Result(Outcome.OK, seq)
 
-    def ack_credits(self, transfer_ids: list[str], now_ms: int) -> int:
-        """The owning shards made these credits durable: drop them from the outbox."""
-        seq = 0
+    def ack_credits(self, transfer_ids: list[str]) -> int:
+        """The owning shards made these credits durable: drop them from the outbox.
+
+        Not journaled: the receiving shard's CREDIT row is the durable proof of delivery, and
+        recovery drops owed credits that have one. Returns how many were dropped.
+        """
+        dropped = 0
         for transfer_id in transfer_ids:
-            credit = self.outbox.pop(transfer_id, None)
-            if credit is None:
+            if self.outbox.pop(transfer_id, None) is None:
                 continue
-            # Netted like reservations: a credit queued and acknowledged in one batch never hits the table.
-            if self._pending.credits_added.pop(transfer_id, None) is None:
-                self._pending.credits_removed.add(transfer_id)
-            seq = self._journal(
-                JournalKind.CREDIT_ACKED, transfer_id, credit.credit_account_id, credit.amount_minor, now_ms
-            )
-        return seq
+            dropped += 1
+            if transfer_id in self._persisted_credits:
+                self._persisted_credits.discard(transfer_id)
+                self._acked_persisted_credits.add(transfer_id)
+        return dropped
 
     # ------------------------------------------------------------------ queries
 
@@ -463,22 +511,44 @@ class PositionBook:
 
     # ------------------------------------------------------------------ write-behind
 
-    def drain(self) -> FlushBatch:
-        """Hand over everything changed since the last drain, netted, for one atomic write."""
+    def drain(self, *, checkpoint: bool = False) -> FlushBatch:
+        """Hand over everything changed since the last drain for one atomic write.
+
+        With ``checkpoint``, the batch also brings the reservation and credit tables up to date
+        with memory. The caller must write the batch (retrying it as is) or die: the book
+        counts it as handed over.
+        """
         pending = self._pending
         self._pending = _Pending()
-        added = pending.reservations_added
-        # A reservation opened and closed within one batch never needs to reach the table.
-        both = added.keys() & pending.reservations_removed
-        return FlushBatch(
+        batch = FlushBatch(
             entries=pending.entries,
             accounts=[_copy_account(self.accounts[a]) for a in sorted(pending.account_ids)],
             participants=[Participant(p, self.participants[p].is_active) for p in sorted(pending.participant_names)],
-            reservations_added=[r for t, r in added.items() if t not in both],
-            reservations_removed=[t for t in pending.reservations_removed if t not in both],
-            credits_added=list(pending.credits_added.values()),
-            credits_removed=list(pending.credits_removed),
             last_seq=self.seq,
+            previous_seq=self._drained_seq,
+        )
+        self._drained_seq = self.seq
+        if checkpoint:
+            batch.checkpoint = Checkpoint(
+                reservations_insert=[
+                    r for t, r in self.reservations.items() if t not in self._persisted_reservations
+                ],
+                reservations_delete=sorted(self._closed_persisted_reservations),
+                credits_insert=[c for t, c in self.outbox.items() if t not in self._persisted_credits],
+                credits_delete=sorted(self._acked_persisted_credits),
+            )
+            self._persisted_reservations.update(r.transfer_id for r in batch.checkpoint.reservations_insert)
+            self._persisted_credits.update(c.transfer_id for c in batch.checkpoint.credits_insert)
+            self._closed_persisted_reservations.clear()
+            self._acked_persisted_credits.clear()
+        return batch
+
+    def checkpoint_pending(self) -> bool:
+        """Whether the tables differ from memory (a checkpoint would write something)."""
+        return (
+            len(self._persisted_reservations) != len(self.reservations)
+            or len(self._persisted_credits) != len(self.outbox)
+            or bool(self._closed_persisted_reservations or self._acked_persisted_credits)
         )
 
     # ------------------------------------------------------------------ invariants
@@ -526,9 +596,9 @@ class PositionBook:
     def _close(self, reservation: Reservation, state: TransferState, seq: int) -> None:
         del self.reservations[reservation.transfer_id]
         self._remember(self._finished, reservation.transfer_id, (state, seq))
-        pending = self._pending
-        if pending.reservations_added.pop(reservation.transfer_id, None) is None:
-            pending.reservations_removed.add(reservation.transfer_id)
+        if reservation.transfer_id in self._persisted_reservations:
+            self._persisted_reservations.discard(reservation.transfer_id)
+            self._closed_persisted_reservations.add(reservation.transfer_id)
 
     def _finished_result(self, transfer_id: str) -> Result:
         state, seq = self._finished.get(transfer_id, (None, 0))
@@ -551,10 +621,15 @@ class PositionBook:
         amount_minor: int,
         now_ms: int,
         reason: str = "",
+        *,
+        counter_account_id: int = 0,
+        expires_at_ms: int | None = None,
     ) -> int:
         self.seq += 1
         self._pending.entries.append(
-            JournalEntry(self.seq, kind, transfer_id, account_id, amount_minor, now_ms, reason)
+            JournalEntry(
+                self.seq, kind, transfer_id, account_id, amount_minor, now_ms, reason, counter_account_id, expires_at_ms
+            )
         )
         if account_id in self.accounts:  # outbox acknowledgements name another shard's account
             self._pending.account_ids.add(account_id)

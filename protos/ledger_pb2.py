@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/ledger.proto\x12\x11rayloop.ledger.v1\"\xbd\x01\n\x07Reserve\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x02 \x01(\x03\x12\x19\n\x11\x63redit_account_id\x18\x03 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\t\x12\'\n\x05\x63heck\x18\x05 \x01(\x0e\x32\x18.rayloop.ledger.v1.Check\x12\x15\n\rexpires_at_ms\x18\x06 \x01(\x03\x12\x12\n\ncommit_now\x18\x07 \x01(\x08\"\x1d\n\x06\x43ommit\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\",\n\x05\x41\x62ort\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"c\n\tCreditLeg\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63redit_account_id\x18\x02 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\"7\n\x0eSetNetDebitCap\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x11\n\tcap_minor\x18\x02 \x01(\t\"9\n\x10SetAccountActive\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x11\n\tis_active\x18\x02 \x01(\x08\">\n\x14SetParticipantActive\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x11\n\tis_active\x18\x02 \x01(\x08\"!\n\x0bLoadAccount\x12\x12\n\naccount_id\x18\x01 \x01(\x03\"\xcc\x03\n\x07\x43ommand\x12-\n\x07reserve\x18\x01 \x01(\x0b\x32\x1a.rayloop.ledger.v1.ReserveH\x00\x12+\n\x06\x63ommit\x18\x02 \x01(\x0b\x32\x19.rayloop.ledger.v1.CommitH\x00\x12)\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x18.rayloop.ledger.v1.AbortH\x00\x12.\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x1c.rayloop.ledger.v1.CreditLegH\x00\x12>\n\x11set_net_debit_cap\x18\x05 \x01(\x0b\x32!.rayloop.ledger.v1.SetNetDebitCapH\x00\x12\x41\n\x12set_account_active\x18\x06 \x01(\x0b\x32#.rayloop.ledger.v1.SetAccountActiveH\x00\x12I\n\x16set_participant_active\x18\x07 \x01(\x0b\x32\'.rayloop.ledger.v1.SetParticipantActiveH\x00\x12\x36\n\x0cload_account\x18\x08 \x01(\x0b\x32\x1e.rayloop.ledger.v1.LoadAccountH\x00\x42\x04\n\x02op\"R\n\x0c\x43ommandBatch\x12,\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1a.rayloop.ledger.v1.Command\x12\x14\n\x0cwait_durable\x18\x02 \x01(\x08\"<\n\rCommandResult\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\"n\n\x0b\x42\x61tchResult\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .rayloop.ledger.v1.CommandResult\x12\x13\n\x0b\x64urable_seq\x18\x02 \x01(\x03\x12\x17\n\x0f\x63redits_pending\x18\x03 \x01(\x05*Q\n\x05\x43heck\x12\x0e\n\nCHECK_NONE\x10\x00\x12\x1d\n\x19\x43HECK_LIQUIDITY_AND_LIMIT\x10\x01\x12\x19\n\x15\x43HECK_FUNDS_AVAILABLE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/ledger.proto\x12\x11rayloop.ledger.v1\"\xbd\x01\n\x07Reserve\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x02 \x01(\x03\x12\x19\n\x11\x63redit_account_id\x18\x03 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\t\x12\'\n\x05\x63heck\x18\x05 \x01(\x0e\x32\x18.rayloop.ledger.v1.Check\x12\x15\n\rexpires_at_ms\x18\x06 \x01(\x03\x12\x12\n\ncommit_now\x18\x07 \x01(\x08\"\x1d\n\x06\x43ommit\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\",\n\x05\x41\x62ort\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"c\n\tCreditLeg\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63redit_account_id\x18\x02 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\"7\n\x0eSetNetDebitCap\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x11\n\tcap_minor\x18\x02 \x01(\t\"9\n\x10SetAccountActive\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x11\n\tis_active\x18\x02 \x01(\x08\">\n\x14SetParticipantActive\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\x11\n\tis_active\x18\x02 \x01(\x08\"!\n\x0bLoadAccount\x12\x12\n\naccount_id\x18\x01 \x01(\x03\"\x85\x02\n\x0fPrepareTransfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05payer\x18\x02 \x01(\t\x12\r\n\x05payee\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\t\x12\x11\n\tcondition\x18\x06 \x01(\t\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x14\n\x0cprepare_hash\x18\x08 \x01(\t\x12\x18\n\x10payer_account_id\x18\t \x01(\x03\x12\x18\n\x10payee_account_id\x18\n \x01(\x03\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\"\xb4\x01\n\x0e\x46ulfilTransfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nfulfilment\x18\x02 \x01(\t\x12\x13\n\x0b\x66ulfil_hash\x18\x03 \x01(\t\x12\x14\n\x0c\x63ompleted_ms\x18\x04 \x01(\x03\x12\x15\n\rreserved_mode\x18\x05 \x01(\x08\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"^\n\x0eRejectTransfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\"\n\x0bGetTransfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"\xc0\x05\n\x07\x43ommand\x12-\n\x07reserve\x18\x01 \x01(\x0b\x32\x1a.rayloop.ledger.v1.ReserveH\x00\x12+\n\x06\x63ommit\x18\x02 \x01(\x0b\x32\x19.rayloop.ledger.v1.CommitH\x00\x12)\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x18.rayloop.ledger.v1.AbortH\x00\x12.\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x1c.rayloop.ledger.v1.CreditLegH\x00\x12>\n\x11set_net_debit_cap\x18\x05 \x01(\x0b\x32!.rayloop.ledger.v1.SetNetDebitCapH\x00\x12\x41\n\x12set_account_active\x18\x06 \x01(\x0b\x32#.rayloop.ledger.v1.SetAccountActiveH\x00\x12I\n\x16set_participant_active\x18\x07 \x01(\x0b\x32\'.rayloop.ledger.v1.SetParticipantActiveH\x00\x12\x36\n\x0cload_account\x18\x08 \x01(\x0b\x32\x1e.rayloop.ledger.v1.LoadAccountH\x00\x12>\n\x10prepare_transfer\x18\t \x01(\x0b\x32\".rayloop.ledger.v1.PrepareTransferH\x00\x12<\n\x0f\x66ulfil_transfer\x18\n \x01(\x0b\x32!.rayloop.ledger.v1.FulfilTransferH\x00\x12<\n\x0freject_transfer\x18\x0b \x01(\x0b\x32!.rayloop.ledger.v1.RejectTransferH\x00\x12\x36\n\x0cget_transfer\x18\x0c \x01(\x0b\x32\x1e.rayloop.ledger.v1.GetTransferH\x00\x42\x04\n\x02op\"R\n\x0c\x43ommandBatch\x12,\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1a.rayloop.ledger.v1.Command\x12\x14\n\x0cwait_durable\x18\x02 \x01(\x08\"\xf9\x01\n\x0cTransferView\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05payer\x18\x02 \x01(\t\x12\r\n\x05payee\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x12\n\nfulfilment\x18\x05 \x01(\t\x12\x14\n\x0c\x63ompleted_ms\x18\x06 \x01(\x03\x12\x15\n\rreserved_mode\x18\x07 \x01(\x08\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\x19\n\x11\x65rror_description\x18\t \x01(\t\x12\x10\n\x08\x63urrency\x18\n \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x0b \x01(\t\x12\x0f\n\x07version\x18\x0c \x01(\t\"\x9e\x01\n\rCommandResult\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\x31\n\x08transfer\x18\x04 \x01(\x0b\x32\x1f.rayloop.ledger.v1.TransferView\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x19\n\x11\x65rror_description\x18\x06 \x01(\t\"n\n\x0b\x42\x61tchResult\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .rayloop.ledger.v1.CommandResult\x12\x13\n\x0b\x64urable_seq\x18\x02 \x01(\x03\x12\x17\n\x0f\x63redits_pending\x18\x03 \x01(\x05*Q\n\x05\x43heck\x12\x0e\n\nCHECK_NONE\x10\x00\x12\x1d\n\x19\x43HECK_LIQUIDITY_AND_LIMIT\x10\x01\x12\x19\n\x15\x43HECK_FUNDS_AVAILABLE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECK']._serialized_start=1348
-  _globals['_CHECK']._serialized_end=1429
+  _globals['_CHECK']._serialized_start=2522
+  _globals['_CHECK']._serialized_end=2603
   _globals['_RESERVE']._serialized_start=43
   _globals['_RESERVE']._serialized_end=232
   _globals['_COMMIT']._serialized_start=234
@@ -49,12 +49,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETPARTICIPANTACTIVE']._serialized_end=590
   _globals['_LOADACCOUNT']._serialized_start=592
   _globals['_LOADACCOUNT']._serialized_end=625
-  _globals['_COMMAND']._serialized_start=628
-  _globals['_COMMAND']._serialized_end=1088
-  _globals['_COMMANDBATCH']._serialized_start=1090
-  _globals['_COMMANDBATCH']._serialized_end=1172
-  _globals['_COMMANDRESULT']._serialized_start=1174
-  _globals['_COMMANDRESULT']._serialized_end=1234
-  _globals['_BATCHRESULT']._serialized_start=1236
-  _globals['_BATCHRESULT']._serialized_end=1346
+  _globals['_PREPARETRANSFER']._serialized_start=628
+  _globals['_PREPARETRANSFER']._serialized_end=889
+  _globals['_FULFILTRANSFER']._serialized_start=892
+  _globals['_FULFILTRANSFER']._serialized_end=1072
+  _globals['_REJECTTRANSFER']._serialized_start=1074
+  _globals['_REJECTTRANSFER']._serialized_end=1168
+  _globals['_GETTRANSFER']._serialized_start=1170
+  _globals['_GETTRANSFER']._serialized_end=1204
+  _globals['_COMMAND']._serialized_start=1207
+  _globals['_COMMAND']._serialized_end=1911
+  _globals['_COMMANDBATCH']._serialized_start=1913
+  _globals['_COMMANDBATCH']._serialized_end=1995
+  _globals['_TRANSFERVIEW']._serialized_start=1998
+  _globals['_TRANSFERVIEW']._serialized_end=2247
+  _globals['_COMMANDRESULT']._serialized_start=2250
+  _globals['_COMMANDRESULT']._serialized_end=2408
+  _globals['_BATCHRESULT']._serialized_start=2410
+  _globals['_BATCHRESULT']._serialized_end=2520
 # @@protoc_insertion_point(module_scope)

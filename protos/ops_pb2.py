@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/ops.proto\x12\x0erayloop.ops.v1\"\xb5\x01\n\x0c\x41\x63\x63ountState\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x1b\n\x13ledger_account_type\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\x16\n\x0ereserved_value\x18\x05 \x01(\t\x12\x15\n\rnet_debit_cap\x18\x06 \x01(\t\x12\x11\n\tis_active\x18\x07 \x01(\x08\x12\x11\n\tin_flight\x18\x08 \x01(\x05\"u\n\x10ParticipantState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tis_active\x18\x02 \x01(\x08\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12.\n\x08\x61\x63\x63ounts\x18\x04 \x03(\x0b\x32\x1c.rayloop.ops.v1.AccountState\"\xe4\x02\n\nShardState\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63tor_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07node_ip\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x14\n\x0cparticipants\x18\x06 \x01(\x05\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\x05\x12\x15\n\rwaiting_calls\x18\t \x01(\x05\x12\x10\n\x08last_seq\x18\n \x01(\x03\x12\x18\n\x10last_durable_seq\x18\x0b \x01(\x03\x12\x15\n\rlast_flush_ms\x18\x0c \x01(\x01\x12\x14\n\x0c\x66lush_p50_ms\x18\r \x01(\x01\x12\x14\n\x0c\x66lush_p99_ms\x18\x0e \x01(\x01\x12\x17\n\x0f\x63redits_pending\x18\x0f \x01(\x05\x12\x0f\n\x07\x66lushes\x18\x10 \x01(\x03\x12\x15\n\rwas_restarted\x18\x11 \x01(\x08\"\"\n\x12ParticipantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"t\n\x10ParticipantReply\x12\x35\n\x0bparticipant\x18\x01 \x01(\x0b\x32 .rayloop.ops.v1.ParticipantState\x12)\n\x05shard\x18\x02 \x01(\x0b\x32\x1a.rayloop.ops.v1.ShardState\" \n\x0cShardRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\"o\n\nShardReply\x12)\n\x05shard\x18\x01 \x01(\x0b\x32\x1a.rayloop.ops.v1.ShardState\x12\x36\n\x0cparticipants\x18\x02 \x03(\x0b\x32 .rayloop.ops.v1.ParticipantState\"\x13\n\x11ListShardsRequest\"=\n\x0fListShardsReply\x12*\n\x06shards\x18\x01 \x03(\x0b\x32\x1a.rayloop.ops.v1.ShardState2\xf5\x01\n\x03Ops\x12V\n\x0eGetParticipant\x12\".rayloop.ops.v1.ParticipantRequest\x1a .rayloop.ops.v1.ParticipantReply\x12\x44\n\x08GetShard\x12\x1c.rayloop.ops.v1.ShardRequest\x1a\x1a.rayloop.ops.v1.ShardReply\x12P\n\nListShards\x12!.rayloop.ops.v1.ListShardsRequest\x1a\x1f.rayloop.ops.v1.ListShardsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/ops.proto\x12\x0erayloop.ops.v1\"\xb5\x01\n\x0c\x41\x63\x63ountState\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x1b\n\x13ledger_account_type\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\x16\n\x0ereserved_value\x18\x05 \x01(\t\x12\x15\n\rnet_debit_cap\x18\x06 \x01(\t\x12\x11\n\tis_active\x18\x07 \x01(\x08\x12\x11\n\tin_flight\x18\x08 \x01(\x05\"u\n\x10ParticipantState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tis_active\x18\x02 \x01(\x08\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12.\n\x08\x61\x63\x63ounts\x18\x04 \x03(\x0b\x32\x1c.rayloop.ops.v1.AccountState\"\xfc\x02\n\nShardState\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63tor_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07node_ip\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x14\n\x0cparticipants\x18\x06 \x01(\x05\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\x05\x12\x15\n\rwaiting_calls\x18\t \x01(\x05\x12\x10\n\x08last_seq\x18\n \x01(\x03\x12\x18\n\x10last_durable_seq\x18\x0b \x01(\x03\x12\x15\n\rlast_flush_ms\x18\x0c \x01(\x01\x12\x14\n\x0c\x66lush_p50_ms\x18\r \x01(\x01\x12\x14\n\x0c\x66lush_p99_ms\x18\x0e \x01(\x01\x12\x17\n\x0f\x63redits_pending\x18\x0f \x01(\x05\x12\x0f\n\x07\x66lushes\x18\x10 \x01(\x03\x12\x15\n\rwas_restarted\x18\x11 \x01(\x08\x12\x16\n\x0e\x63heckpoint_seq\x18\x12 \x01(\x03\"\"\n\x12ParticipantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"t\n\x10ParticipantReply\x12\x35\n\x0bparticipant\x18\x01 \x01(\x0b\x32 .rayloop.ops.v1.ParticipantState\x12)\n\x05shard\x18\x02 \x01(\x0b\x32\x1a.rayloop.ops.v1.ShardState\" \n\x0cShardRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\"o\n\nShardReply\x12)\n\x05shard\x18\x01 \x01(\x0b\x32\x1a.rayloop.ops.v1.ShardState\x12\x36\n\x0cparticipants\x18\x02 \x03(\x0b\x32 .rayloop.ops.v1.ParticipantState\"\x13\n\x11ListShardsRequest\"=\n\x0fListShardsReply\x12*\n\x06shards\x18\x01 \x03(\x0b\x32\x1a.rayloop.ops.v1.ShardState2\xf5\x01\n\x03Ops\x12V\n\x0eGetParticipant\x12\".rayloop.ops.v1.ParticipantRequest\x1a .rayloop.ops.v1.ParticipantReply\x12\x44\n\x08GetShard\x12\x1c.rayloop.ops.v1.ShardRequest\x1a\x1a.rayloop.ops.v1.ShardReply\x12P\n\nListShards\x12!.rayloop.ops.v1.ListShardsRequest\x1a\x1f.rayloop.ops.v1.ListShardsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTICIPANTSTATE']._serialized_start=220
   _globals['_PARTICIPANTSTATE']._serialized_end=337
   _globals['_SHARDSTATE']._serialized_start=340
-  _globals['_SHARDSTATE']._serialized_end=696
-  _globals['_PARTICIPANTREQUEST']._serialized_start=698
-  _globals['_PARTICIPANTREQUEST']._serialized_end=732
-  _globals['_PARTICIPANTREPLY']._serialized_start=734
-  _globals['_PARTICIPANTREPLY']._serialized_end=850
-  _globals['_SHARDREQUEST']._serialized_start=852
-  _globals['_SHARDREQUEST']._serialized_end=884
-  _globals['_SHARDREPLY']._serialized_start=886
-  _globals['_SHARDREPLY']._serialized_end=997
-  _globals['_LISTSHARDSREQUEST']._serialized_start=999
-  _globals['_LISTSHARDSREQUEST']._serialized_end=1018
-  _globals['_LISTSHARDSREPLY']._serialized_start=1020
-  _globals['_LISTSHARDSREPLY']._serialized_end=1081
-  _globals['_OPS']._serialized_start=1084
-  _globals['_OPS']._serialized_end=1329
+  _globals['_SHARDSTATE']._serialized_end=720
+  _globals['_PARTICIPANTREQUEST']._serialized_start=722
+  _globals['_PARTICIPANTREQUEST']._serialized_end=756
+  _globals['_PARTICIPANTREPLY']._serialized_start=758
+  _globals['_PARTICIPANTREPLY']._serialized_end=874
+  _globals['_SHARDREQUEST']._serialized_start=876
+  _globals['_SHARDREQUEST']._serialized_end=908
+  _globals['_SHARDREPLY']._serialized_start=910
+  _globals['_SHARDREPLY']._serialized_end=1021
+  _globals['_LISTSHARDSREQUEST']._serialized_start=1023
+  _globals['_LISTSHARDSREQUEST']._serialized_end=1042
+  _globals['_LISTSHARDSREPLY']._serialized_start=1044
+  _globals['_LISTSHARDSREPLY']._serialized_end=1105
+  _globals['_OPS']._serialized_start=1108
+  _globals['_OPS']._serialized_end=1353
 # @@protoc_insertion_point(module_scope)

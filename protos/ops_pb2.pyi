@@ -39,7 +39,7 @@ class ParticipantState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., is_active: _Optional[bool] = ..., shard_id: _Optional[int] = ..., accounts: _Optional[_Iterable[_Union[AccountState, _Mapping]]] = ...) -> None: ...
 
 class ShardState(_message.Message):
-    __slots__ = ("shard_id", "actor_id", "node_id", "node_ip", "pid", "participants", "in_flight", "queue_depth", "waiting_calls", "last_seq", "last_durable_seq", "last_flush_ms", "flush_p50_ms", "flush_p99_ms", "credits_pending", "flushes", "was_restarted")
+    __slots__ = ("shard_id", "actor_id", "node_id", "node_ip", "pid", "participants", "in_flight", "queue_depth", "waiting_calls", "last_seq", "last_durable_seq", "last_flush_ms", "flush_p50_ms", "flush_p99_ms", "credits_pending", "flushes", "was_restarted", "checkpoint_seq")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class ShardState(_message.Message):
     CREDITS_PENDING_FIELD_NUMBER: _ClassVar[int]
     FLUSHES_FIELD_NUMBER: _ClassVar[int]
     WAS_RESTARTED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SEQ_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     actor_id: str
     node_id: str
@@ -74,7 +75,8 @@ class ShardState(_message.Message):
     credits_pending: int
     flushes: int
     was_restarted: bool
-    def __init__(self, shard_id: _Optional[int] = ..., actor_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., pid: _Optional[int] = ..., participants: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., waiting_calls: _Optional[int] = ..., last_seq: _Optional[int] = ..., last_durable_seq: _Optional[int] = ..., last_flush_ms: _Optional[float] = ..., flush_p50_ms: _Optional[float] = ..., flush_p99_ms: _Optional[float] = ..., credits_pending: _Optional[int] = ..., flushes: _Optional[int] = ..., was_restarted: _Optional[bool] = ...) -> None: ...
+    checkpoint_seq: int
+    def __init__(self, shard_id: _Optional[int] = ..., actor_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., pid: _Optional[int] = ..., participants: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., waiting_calls: _Optional[int] = ..., last_seq: _Optional[int] = ..., last_durable_seq: _Optional[int] = ..., last_flush_ms: _Optional[float] = ..., flush_p50_ms: _Optional[float] = ..., flush_p99_ms: _Optional[float] = ..., credits_pending: _Optional[int] = ..., flushes: _Optional[int] = ..., was_restarted: _Optional[bool] = ..., checkpoint_seq: _Optional[int] = ...) -> None: ...
 
 class ParticipantRequest(_message.Message):
     __slots__ = ("name",)

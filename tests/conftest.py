@@ -67,3 +67,12 @@ def database_url(server_url, template_url):
     asyncio.run(_admin(server_url, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}"))
     yield _with_database(server_url, name)
     asyncio.run(_admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(scope="module")
+def module_database_url(server_url, template_url):
+    """One database for a module whose tests share a hub."""
+    name = f"rayloop_m_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server_url, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}"))
+    yield _with_database(server_url, name)
+    asyncio.run(_admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

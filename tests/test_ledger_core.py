@@ -1,4 +1,5 @@
-"""The pure ledger core (core/ledger.py): reserve / commit / abort / expire / credits / drain / reload.
+"""The pure ledger core (core/ledger.py, core/recovery.py): reserve / commit / abort / expire / credits /
+drain and checkpoints / reload.
 
 Every test ends (and most steps are followed) by ``assert_conserved``: per currency, across the
 books of the test, account values minus open reservations minus credits still in flight are zero.
@@ -19,6 +20,7 @@ from core.ledger import (
     AccountType,
     Check,
     Credit,
+    FlushBatch,
     InvariantViolation,
     JournalEntry,
     JournalKind,
@@ -28,6 +30,7 @@ from core.ledger import (
     TransferState,
 )
 from core.money import MAX_AMOUNT_MINOR, MINOR_PER_MAJOR
+from core.recovery import Replay
 
 CURRENCY = "XTS"
 HUB = "Hub"
@@ -120,7 +123,7 @@ def deliver(source: PositionBook, target: PositionBook, now: int = T0) -> list[s
         assert result.outcome in (Outcome.OK, Outcome.DUPLICATE), result
         assert_conserved(source, target)  # applied there, still in the outbox here: counted once
         delivered.append(credit.transfer_id)
-    source.ack_credits(delivered, now)
+    assert source.ack_credits(delivered) == len(delivered)
     assert_conserved(source, target)
     return delivered
 
@@ -467,7 +470,7 @@ def test_commit_queues_the_credit_for_another_shard():
     assert_conserved(a, b)  # applied on B, still in A's outbox: counted once
     assert b.apply_credit(result.credit, T0).outcome is Outcome.DUPLICATE  # a redelivery
     assert value(b, PAYEE_POSITION) == -major(250)
-    assert a.ack_credits(["t1"], T0) > 0
+    assert a.ack_credits(["t1"]) == 1
     assert not a.outbox
     assert_conserved(a, b)
 
@@ -607,23 +610,25 @@ def test_apply_credit_in_the_wrong_currency_is_impossible():
         book.apply_credit(Credit("x1", PAYEE_POSITION, 1, "XXX"), T0)
 
 
-def test_ack_credits_drops_outbox_entries():
+def test_ack_credits_drops_outbox_entries_without_journaling():
     a, b = two_shards()
     for transfer_id in ("t1", "t2"):
         reserve(a, transfer_id, major(10))
         a.commit(transfer_id, T0)
+    a.drain()
     assert set(a.outbox) == {"t1", "t2"}
     b.apply_credit(a.outbox["t1"], T0)
     seq_before = a.seq
-    assert a.ack_credits(["t1", "never-sent"], T0) == seq_before + 1  # one entry, for t1 only
+    assert a.ack_credits(["t1", "never-sent"]) == 1  # the number dropped: t1 only
     assert set(a.outbox) == {"t2"}
     assert_conserved(a, b)
-    assert a.ack_credits(["t1"], T0) == 0  # already dropped: nothing journaled
-    assert a.seq == seq_before + 1
-    acked = [e for e in a.drain().entries if e.kind is JournalKind.CREDIT_ACKED]
-    assert [(e.transfer_id, e.account_id, e.amount_minor) for e in acked] == [
-        ("t1", PAYEE_POSITION, major(10))
-    ]
+    assert a.ack_credits(["t1"]) == 0  # already dropped
+    assert a.ack_credits([]) == 0
+    # Not money, not journaled: the receiving shard's CREDIT row is the durable proof of delivery.
+    assert a.seq == seq_before
+    batch = a.drain()
+    assert batch.is_empty() and batch.accounts == [] and batch.last_seq == seq_before
+    assert 6 not in {kind.value for kind in JournalKind}  # CREDIT_ACKED is retired, never reused
     deliver(a, b)
     assert_conserved(a, b)
 
@@ -741,53 +746,146 @@ def test_new_accounts_start_at_zero():
     assert_conserved(book)
 
 
-# ------------------------------------------------------------------ drain
+# ------------------------------------------------------------------ drain and checkpoints
 
 
-def test_drain_nets_reservations_within_one_batch():
+def checkpoint_rows(batch: FlushBatch) -> tuple[list, list, list, list]:
+    """A batch's checkpoint as sorted transfer ids: (reservations in, out, credits in, out)."""
+    checkpoint = batch.checkpoint
+    assert checkpoint is not None
+    return (
+        sorted(r.transfer_id for r in checkpoint.reservations_insert),
+        sorted(checkpoint.reservations_delete),
+        sorted(c.transfer_id for c in checkpoint.credits_insert),
+        sorted(checkpoint.credits_delete),
+    )
+
+
+def test_drain_without_checkpoint_writes_no_tables():
     book = new_book()
-    reserve(book, "old")
-    assert [r.transfer_id for r in book.drain().reservations_added] == ["old"]
-    reserve(book, "brief")
-    book.commit("brief", T0)  # opened and closed in this batch
-    book.abort("old", T0)  # opened in the previous batch, closed in this one
+    reserve(book, "t1")
     batch = book.drain()
-    assert batch.reservations_added == []
-    assert batch.reservations_removed == ["old"]
-    assert [e.transfer_id for e in batch.entries] == ["brief", "brief", "brief", "old"]
+    assert batch.checkpoint is None
+    assert [e.transfer_id for e in batch.entries] == ["t1"]
+    assert book.checkpoint_pending()  # t1 is open and in no table
     assert_conserved(book)
 
 
-def test_drain_nets_outbound_credits_within_one_batch():
+def test_a_reservation_opened_and_closed_between_checkpoints_never_reaches_the_table():
+    book = new_book()
+    assert checkpoint_rows(book.drain(checkpoint=True)) == ([], [], [], [])
+    reserve(book, "old")
+    assert book.checkpoint_pending()
+    assert checkpoint_rows(book.drain(checkpoint=True)) == (["old"], [], [], [])
+    assert not book.checkpoint_pending()
+    reserve(book, "brief")
+    assert book.checkpoint_pending()
+    book.commit("brief", T0)  # opened and closed between two checkpoints
+    assert not book.checkpoint_pending()  # nothing for the tables to learn
+    book.abort("old", T0)  # written at the last checkpoint, closed since
+    assert book.checkpoint_pending()
+    batch = book.drain()  # an ordinary flush in between: journal only
+    assert batch.checkpoint is None
+    assert [e.transfer_id for e in batch.entries] == ["brief", "brief", "brief", "old"]
+    assert book.checkpoint_pending()
+    batch = book.drain(checkpoint=True)
+    assert batch.entries == []
+    assert checkpoint_rows(batch) == ([], ["old"], [], [])
+    assert not book.checkpoint_pending()
+    assert checkpoint_rows(book.drain(checkpoint=True)) == ([], [], [], [])  # deleted once only
+    assert_conserved(book)
+
+
+def test_a_checkpoint_inserts_the_reservations_open_at_the_drain():
+    book = new_book()
+    reserve(book, "a", major(10), expires_at_ms=T0 + 100)
+    reserve(book, "b", major(20))
+    reserve(book, "c", major(30))
+    book.abort("b", T0)
+    batch = book.drain(checkpoint=True)  # the entries and the checkpoint in one transaction
+    assert [e.transfer_id for e in batch.entries] == ["a", "b", "c", "b"]
+    assert batch.checkpoint.reservations_insert == [
+        Reservation("a", PAYER_POSITION, PAYEE_POSITION, major(10), T0 + 100, batch.entries[0].seq),
+        Reservation("c", PAYER_POSITION, PAYEE_POSITION, major(30), None, batch.entries[2].seq),
+    ]
+    assert checkpoint_rows(batch) == (["a", "c"], [], [], [])
+    assert_conserved(book)
+
+
+def test_an_owed_credit_acknowledged_between_checkpoints_never_reaches_the_table():
     a, b = two_shards()
+    assert checkpoint_rows(a.drain(checkpoint=True)) == ([], [], [], [])
     reserve(a, "old", major(10))
     a.commit("old", T0)
-    assert [c.transfer_id for c in a.drain().credits_added] == ["old"]
+    assert a.checkpoint_pending()
+    assert checkpoint_rows(a.drain(checkpoint=True)) == ([], [], ["old"], [])
+    assert not a.checkpoint_pending()
     reserve(a, "brief", major(10))
     a.commit("brief", T0)
-    delivered = deliver(a, b)  # queued and acknowledged in the same batch, and one from before
+    assert a.checkpoint_pending()
+    delivered = deliver(a, b)  # queued and acknowledged between two checkpoints, and one from before
     assert sorted(delivered) == ["brief", "old"]
-    batch = a.drain()
-    assert batch.credits_added == []
-    assert batch.credits_removed == ["old"]
+    assert a.checkpoint_pending()  # "old" is still in the table
+    assert a.drain().checkpoint is None
+    assert checkpoint_rows(a.drain(checkpoint=True)) == ([], [], [], ["old"])
+    assert not a.checkpoint_pending()
     assert_conserved(a, b)
 
 
-def test_drain_entries_have_consecutive_seqs_across_batches():
+def test_a_checkpoint_covers_the_reservation_committed_and_its_credit_owed():
+    a, b = two_shards()
+    reserve(a, "t1", major(10))
+    assert checkpoint_rows(a.drain(checkpoint=True)) == (["t1"], [], [], [])
+    a.commit("t1", T0)
+    batch = a.drain(checkpoint=True)
+    assert checkpoint_rows(batch) == ([], ["t1"], ["t1"], [])
+    assert batch.checkpoint.credits_insert == [Credit("t1", PAYEE_POSITION, major(10), CURRENCY)]
+    assert_conserved(a, b)
+
+
+def test_drain_entries_have_consecutive_seqs_and_batches_chain():
     book = new_book()
     seqs = []
+    start = previous = book.seq  # new_book drained its setup
     for transfer_id in ("t1", "t2", "t3"):
         reserve(book, transfer_id, major(10))
-        batch = book.drain()
+        batch = book.drain(checkpoint=transfer_id == "t2")
         seqs += [e.seq for e in batch.entries]
         assert batch.last_seq == book.seq == seqs[-1]
+        assert batch.previous_seq == previous  # the fence: what the store must still hold
+        previous = batch.last_seq
         book.commit(transfer_id, T0)
     batch = book.drain()
+    assert batch.previous_seq == previous
     seqs += [e.seq for e in batch.entries]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert seqs[0] == start + 1  # t1's RESERVE follows the setup
     empty = book.drain()
-    assert len(empty) == 0 and empty.last_seq == book.seq
+    assert len(empty) == 0 and empty.is_empty()
+    assert empty.last_seq == empty.previous_seq == book.seq
+    assert empty.checkpoint is None and empty.accounts == [] and empty.participants == []
+    # A checkpoint with nothing new to journal is still a batch to write (it moves the checkpoint).
+    only_checkpoint = book.drain(checkpoint=True)
+    assert not only_checkpoint.is_empty() and len(only_checkpoint) == 0
+    assert only_checkpoint.last_seq == only_checkpoint.previous_seq == book.seq
+    assert checkpoint_rows(only_checkpoint) == ([], ["t2"], [], [])
     assert_conserved(book)
+
+
+def test_journal_entries_carry_what_recovery_needs():
+    a, b = two_shards()
+    reserve(a, "t1", major(10), expires_at_ms=T0 + 500)
+    a.commit("t1", T0)
+    reserve(a, "t2", major(20), credit=HUB_SETTLEMENT, check=Check.LIQUIDITY_AND_LIMIT)
+    a.abort("t2", T0, "no")
+    entries = a.drain().entries
+    assert [(e.kind, e.transfer_id, e.account_id, e.counter_account_id, e.expires_at_ms) for e in entries] == [
+        (JournalKind.RESERVE, "t1", PAYER_POSITION, PAYEE_POSITION, T0 + 500),
+        (JournalKind.COMMIT, "t1", PAYER_POSITION, PAYEE_POSITION, None),
+        (JournalKind.RESERVE, "t2", PAYER_POSITION, HUB_SETTLEMENT, None),
+        (JournalKind.ABORT, "t2", PAYER_POSITION, 0, None),
+    ]
+    assert_conserved(a, b)
 
 
 def test_drain_snapshots_only_touched_accounts_as_copies():
@@ -808,93 +906,160 @@ def test_drain_snapshots_only_touched_accounts_as_copies():
 # ------------------------------------------------------------------ recovery
 
 
-def reload(old: PositionBook, journal: list[JournalEntry], dedupe_window: int | None = None) -> PositionBook:
-    """A new book from the old one's state, loaded the way actors/store.py ``load`` does."""
-    window = dedupe_window or old.dedupe_window
-    book = PositionBook(old.shard_id, last_seq=old.seq, dedupe_window=window)
-    for participant in old.participants.values():
-        book.load_participant(participant.name, participant.is_active)
-    for account_id in sorted(old.accounts):
-        a = old.accounts[account_id]
-        book.load_account(
-            Account(
-                a.account_id,
-                a.participant,
-                a.currency,
-                a.account_type,
-                a.value_minor,
-                a.reserved_minor,
-                a.is_active,
-                a.net_debit_cap_minor,
+class Durable:
+    """What Postgres holds for one shard: written only through FlushBatch, read back as actors/store.py
+    ``load`` does (account rows, the tables as of the last checkpoint, the journal tail after it)."""
+
+    def __init__(self, book: PositionBook):
+        # The rows the admin layer created before the shard started: participants and accounts at zero.
+        assert all(a.value_minor == a.reserved_minor == 0 for a in book.accounts.values())
+        self.shard_id = book.shard_id
+        self.participants = {name: p.is_active for name, p in book.participants.items()}
+        self.accounts = {a: _copy(x) for a, x in book.accounts.items()}
+        self.journal: list[JournalEntry] = []
+        self.reservations: dict[str, Reservation] = {}  # open_reservation
+        self.credits: dict[str, Credit] = {}  # pending_credit
+        self.last_seq = 0
+        self.checkpoint_seq = 0
+
+    def write(self, batch: FlushBatch) -> None:
+        assert not batch.is_empty()
+        assert batch.previous_seq == self.last_seq, "fenced out"
+        assert [e.seq for e in batch.entries] == list(range(self.last_seq + 1, batch.last_seq + 1))
+        self.journal += batch.entries
+        for account in batch.accounts:
+            self.accounts[account.account_id] = _copy(account)
+        for participant in batch.participants:
+            self.participants[participant.name] = participant.is_active
+        checkpoint = batch.checkpoint
+        if checkpoint is not None:
+            for transfer_id in checkpoint.reservations_delete:
+                del self.reservations[transfer_id]
+            for r in checkpoint.reservations_insert:
+                assert r.transfer_id not in self.reservations, f"{r.transfer_id} inserted twice"
+                self.reservations[r.transfer_id] = r
+            for transfer_id in checkpoint.credits_delete:
+                del self.credits[transfer_id]
+            for c in checkpoint.credits_insert:
+                assert c.transfer_id not in self.credits, f"credit {c.transfer_id} inserted twice"
+                self.credits[c.transfer_id] = c
+            self.checkpoint_seq = batch.last_seq
+        self.last_seq = batch.last_seq
+
+    def tail(self) -> list[JournalEntry]:
+        kinds = (JournalKind.RESERVE, *TERMINAL_KINDS)
+        return [e for e in self.journal if e.seq > self.checkpoint_seq and e.kind in kinds]
+
+    def load(self, *others: Durable) -> PositionBook:
+        """A new book after a crash; ``others``: the other shards' stores (their CREDIT rows)."""
+        window = 200_000
+        book = PositionBook(self.shard_id, last_seq=self.last_seq, dedupe_window=window)
+        for name, is_active in self.participants.items():
+            book.load_participant(name, is_active)
+        for account_id in sorted(self.accounts):
+            book.load_account(_copy(self.accounts[account_id]))
+        replay = Replay.from_tables(
+            sorted(self.reservations.values(), key=lambda r: r.reserved_seq), list(self.credits.values())
+        )
+        replay.fold(self.tail(), book)
+        owed = set(replay.owed_credit_ids())
+        delivered = {
+            e.transfer_id
+            for store in (self, *others)
+            for e in store.journal
+            if e.kind is JournalKind.CREDIT and e.transfer_id in owed
+        }
+        replay.apply(book, delivered)
+        for e in [e for e in self.journal if e.kind in TERMINAL_KINDS][-window:]:
+            book.load_finished(
+                e.transfer_id, TransferState.COMMITTED if e.kind is JournalKind.COMMIT else TransferState.ABORTED
             )
-        )
-    for r in sorted(old.reservations.values(), key=lambda r: r.reserved_seq):
-        book.load_reservation(
-            Reservation(
-                r.transfer_id,
-                r.debit_account_id,
-                r.credit_account_id,
-                r.amount_minor,
-                r.expires_at_ms,
-                r.reserved_seq,
-            )
-        )
-    for c in old.outbox.values():
-        book.load_outbox_credit(Credit(c.transfer_id, c.credit_account_id, c.amount_minor, c.currency))
-    for e in [e for e in journal if e.kind in TERMINAL_KINDS][-window:]:
-        book.load_finished(
-            e.transfer_id, TransferState.COMMITTED if e.kind is JournalKind.COMMIT else TransferState.ABORTED
-        )
-    for e in [e for e in journal if e.kind is JournalKind.CREDIT][-window:]:
-        book.load_credited(e.transfer_id)
-    book.check_invariants()
-    return book
+        for e in [e for e in self.journal if e.kind is JournalKind.CREDIT][-window:]:
+            book.load_credited(e.transfer_id)
+        book.check_invariants()
+        return book
+
+
+def _copy(a: Account) -> Account:
+    return Account(
+        a.account_id, a.participant, a.currency, a.account_type, a.value_minor, a.reserved_minor, a.is_active,
+        a.net_debit_cap_minor,
+    )
+
+
+def flush(book: PositionBook, store: Durable, *, checkpoint: bool = False) -> FlushBatch:
+    batch = book.drain(checkpoint=checkpoint)
+    if not batch.is_empty():
+        store.write(batch)
+    return batch
 
 
 OTHER_POSITION, OTHER_SETTLEMENT = 31, 32
+# The default: the first flush is a checkpoint, the second is not, and the crash comes after it.
+BETWEEN_CHECKPOINTS = (True, False, False)
 
 
-def busy_book() -> tuple[PositionBook, list[JournalEntry], PositionBook]:
-    """A book after a mix of everything, with its whole journal (every batch drained), and the other
-    shard it trades with (DFSP "other")."""
-    journal: list[JournalEntry] = []
+def busy_book(checkpoints: tuple[bool, bool, bool] = BETWEEN_CHECKPOINTS):
+    """A book after a mix of everything, with its durable store, and the other shard it trades with
+    (DFSP "other") with its store. Everything is flushed: the book's two flushes are checkpoints or not
+    as ``checkpoints`` says, and its third is a checkpoint with no entries (or none)."""
     book, other = PositionBook(0), PositionBook(1)
     add_hub(book)
     add_dfsp(book, "payer", PAYER_POSITION, PAYER_SETTLEMENT, major(2000))
     add_dfsp(book, "payee", PAYEE_POSITION, PAYEE_SETTLEMENT, NDC)
     add_dfsp(other, "other", OTHER_POSITION, OTHER_SETTLEMENT, NDC)
+    store, other_store = Durable(book), Durable(other)
     funds_in(book, PAYER_SETTLEMENT, DEPOSIT)
     funds_in(book, OTHER_SETTLEMENT, DEPOSIT)
     deliver(book, other)
     other.reserve("from-elsewhere", OTHER_POSITION, PAYEE_POSITION, major(70), T0)
     other.commit("from-elsewhere", T0)
-    journal += book.drain().entries
+    flush(other, other_store, checkpoint=True)  # "from-elsewhere" owed, in the other shard's table
     reserve(book, "committed", major(10))
     book.commit("committed", T0)
     reserve(book, "aborted", major(20))
     book.abort("aborted", T0)
     reserve(book, "expired", major(30), expires_at_ms=T0 + 5)
     book.expire(T0 + 5)
-    journal += book.drain().entries
+    reserve(book, "open-old", major(15), expires_at_ms=T0 + 2000)
+    reserve(book, "closed-later", major(25))
+    for transfer_id, amount in (("remote-old", 35), ("remote-old-delivered", 45)):
+        reserve(book, transfer_id, major(amount), credit=OTHER_POSITION)
+        book.commit(transfer_id, T0)
+    flush(book, store, checkpoint=checkpoints[0])
+    book.commit("closed-later", T0)
     reserve(book, "open", major(40))
     reserve(book, "open-expiring", major(50), expires_at_ms=T0 + 1000)
-    reserve(book, "remote", major(60), credit=OTHER_POSITION)  # the credit account is on the other shard
-    book.commit("remote", T0)
+    for transfer_id, amount in (("remote", 60), ("remote-delivered", 55)):
+        reserve(book, transfer_id, major(amount), credit=OTHER_POSITION)  # the credit account is on the other shard
+        book.commit(transfer_id, T0)
     assert_conserved(book, other)
-    deliver(other, book)  # "from-elsewhere"; "remote" stays in flight
+    deliver(other, book)  # "from-elsewhere"
     book.set_account_active(PAYEE_SETTLEMENT, False, T0)
     out = book.reserve(
         "funds-out", PAYER_SETTLEMENT, HUB_RECONCILIATION, major(100), T0, check=Check.FUNDS_AVAILABLE
     )
     assert out.outcome is Outcome.OK
-    journal += book.drain().entries
+    flush(book, store, checkpoint=checkpoints[1])
+    # Two credits reach the other shard durably; their acknowledgements (not journaled) arrive too.
+    for transfer_id in ("remote-old-delivered", "remote-delivered"):
+        assert other.apply_credit(book.outbox[transfer_id], T0).outcome is Outcome.OK
+    flush(other, other_store, checkpoint=True)
+    assert book.ack_credits(["remote-old-delivered", "remote-delivered"]) == 2
+    if checkpoints[2]:
+        assert len(flush(book, store, checkpoint=True)) == 0
+    assert book.seq == store.last_seq and other.seq == other_store.last_seq
     assert_conserved(book, other)
-    return book, journal, other
+    return book, store, other, other_store
 
 
-def test_reload_rebuilds_the_same_book():
-    old, journal, other = busy_book()
-    new = reload(old, journal)
+PLACEMENTS = list(itertools.product((False, True), repeat=3))
+
+
+@pytest.mark.parametrize("checkpoints", PLACEMENTS, ids=["".join("C" if c else "-" for c in p) for p in PLACEMENTS])
+def test_reload_rebuilds_the_same_book(checkpoints):
+    old, store, other, other_store = busy_book(checkpoints)
+    new = store.load(other_store)
     assert state_of(new) == state_of(old)
     assert new.currency_totals() == old.currency_totals()
     assert {t: new.transfer_state(t) for t in ("committed", "aborted", "expired", "open", "remote")} == {
@@ -905,23 +1070,111 @@ def test_reload_rebuilds_the_same_book():
         "remote": TransferState.COMMITTED,
     }
     assert_conserved(new, other)
+    # The rebuilt book knows which rows are in the tables: its next checkpoint is the crashed one's.
+    assert new.checkpoint_pending() == old.checkpoint_pending() == (not checkpoints[2])
+    assert new.next_expiry_ms() == old.next_expiry_ms() == T0 + 1000
+    new_batch, old_batch = new.drain(checkpoint=True), old.drain(checkpoint=True)
+    assert checkpoint_rows(new_batch) == checkpoint_rows(old_batch)
+    assert (new_batch.previous_seq, new_batch.last_seq) == (old_batch.previous_seq, old_batch.last_seq)
+    store.write(new_batch)
+    assert sorted(store.reservations) == sorted(new.reservations)
+    assert sorted(store.credits) == sorted(new.outbox)
+    assert store.load(other_store).reservations == new.reservations  # and once more, from the tables alone
+    assert_conserved(new, other)
+
+
+def test_reload_between_checkpoints_folds_the_journal_tail_over_the_tables():
+    old, store, other, other_store = busy_book(BETWEEN_CHECKPOINTS)
+    assert sorted(store.reservations) == ["closed-later", "open-old"]  # as at the checkpoint
+    assert sorted(store.credits) == ["remote-old", "remote-old-delivered"]
+    new = store.load(other_store)
+    assert sorted(new.reservations) == ["funds-out", "open", "open-expiring", "open-old"]
+    assert new.outbox == {
+        "remote-old": Credit("remote-old", OTHER_POSITION, major(35), CURRENCY),  # from the table
+        "remote": Credit("remote", OTHER_POSITION, major(60), CURRENCY),  # from the tail
+    }
+    # The next checkpoint inserts what the tail opened and deletes what it closed or delivered.
+    assert checkpoint_rows(new.drain(checkpoint=True)) == (
+        ["funds-out", "open", "open-expiring"],
+        ["closed-later"],
+        ["remote"],
+        ["remote-old-delivered"],
+    )
+    assert_conserved(new, other)
+
+
+def test_reload_right_after_a_checkpoint_needs_no_tail():
+    old, store, other, other_store = busy_book((False, True, False))
+    assert store.tail() == []
+    assert sorted(store.reservations) == sorted(old.reservations)
+    new = store.load(other_store)
+    assert state_of(new) == state_of(old)
+    # The acknowledged credit still in the table is dropped at load (its CREDIT row exists) and deleted next.
+    assert checkpoint_rows(new.drain(checkpoint=True)) == ([], [], [], ["remote-delivered", "remote-old-delivered"])
+    assert_conserved(new, other)
+
+
+def test_reload_before_any_checkpoint_replays_the_whole_journal():
+    old, store, other, other_store = busy_book((False, False, False))
+    assert store.checkpoint_seq == 0 and not store.reservations and not store.credits
+    new = store.load(other_store)
+    assert state_of(new) == state_of(old)
+    assert checkpoint_rows(new.drain(checkpoint=True)) == (
+        ["funds-out", "open", "open-expiring", "open-old"], [], ["remote", "remote-old"], []
+    )
+    assert_conserved(new, other)
+
+
+def test_reload_loses_only_what_was_not_durable():
+    old, store, other, other_store = busy_book()
+    durable_state = state_of(old)
+    reserve(old, "lost", major(5))
+    old.commit("open", T0)
+    reserve(old, "lost-remote", major(5), credit=OTHER_POSITION)
+    old.commit("lost-remote", T0)
+    old.drain(checkpoint=True)  # handed over, never written: the shard crashes
+    new = store.load(other_store)
+    assert state_of(new) == durable_state
+    assert new.transfer_state("lost") is None and new.transfer_state("lost-remote") is None
+    assert new.transfer_state("open") is TransferState.RESERVED
+    assert "lost-remote" not in new.outbox
+    # The lost checkpoint did not reach the tables; the rebuilt book writes its own.
+    assert checkpoint_rows(new.drain(checkpoint=True)) == (
+        ["funds-out", "open", "open-expiring"], ["closed-later"], ["remote"], ["remote-old-delivered"]
+    )
+    assert_conserved(new, other)
+
+
+def test_reload_after_a_credit_delivered_but_not_acknowledged():
+    old, store, other, other_store = busy_book()
+    assert other.apply_credit(old.outbox["remote"], T0).outcome is Outcome.OK
+    flush(other, other_store)  # durable there; the acknowledgement is lost with the crash
+    new = store.load(other_store)
+    assert new.outbox == {"remote-old": Credit("remote-old", OTHER_POSITION, major(35), CURRENCY)}
+    assert_conserved(new, other)
+    # A redelivery from the crashed shard's outbox would have been recognised there.
+    assert other.apply_credit(old.outbox["remote"], T0).outcome is Outcome.DUPLICATE
 
 
 def test_reload_still_recognises_duplicates():
-    old, journal, other = busy_book()
-    new = reload(old, journal)
+    old, store, other, other_store = busy_book()
+    new = store.load(other_store)
     before = state_of(new)
     for transfer_id, state in (
         ("committed", TransferState.COMMITTED),
         ("aborted", TransferState.ABORTED),
         ("expired", TransferState.ABORTED),
         ("open", TransferState.RESERVED),
+        ("open-old", TransferState.RESERVED),
+        ("closed-later", TransferState.COMMITTED),
         ("remote", TransferState.COMMITTED),
+        ("remote-delivered", TransferState.COMMITTED),
         ("funds-out", TransferState.RESERVED),
     ):
         result = reserve(new, transfer_id, major(40))
         assert (result.outcome, result.state) == (Outcome.DUPLICATE, state), transfer_id
     assert new.commit("committed", T0).outcome is Outcome.ALREADY_COMMITTED
+    assert new.commit("closed-later", T0).outcome is Outcome.ALREADY_COMMITTED
     assert new.abort("aborted", T0).outcome is Outcome.ALREADY_ABORTED
     # Credits applied before the restart, from another shard or locally at commit:
     for transfer_id, account_id, amount in (
@@ -931,38 +1184,194 @@ def test_reload_still_recognises_duplicates():
         result = new.apply_credit(Credit(transfer_id, account_id, major(amount), CURRENCY), T0)
         assert (result.outcome, result.seq) == (Outcome.DUPLICATE, 0)  # 0: known durable
     assert state_of(new) == before
-    assert_conserved(new, other)
+    assert new.drain().is_empty()
+    # And the other shard, rebuilt too, still recognises the credits it applied.
+    other_new = other_store.load(store)
+    for transfer_id in ("remote-old-delivered", "remote-delivered"):
+        result = other_new.apply_credit(Credit(transfer_id, OTHER_POSITION, 1, CURRENCY), T0)
+        assert (result.outcome, result.seq) == (Outcome.DUPLICATE, 0)
+    assert_conserved(new, other_new)
 
 
 def test_reload_keeps_serving_loaded_reservations_and_the_outbox():
-    old, journal, other = busy_book()
-    new = reload(old, journal)
+    old, store, other, other_store = busy_book()
+    new = store.load(other_store)
     result = new.commit("open", T0)
     assert result.outcome is Outcome.OK
     assert result.seq == old.seq + 2  # the journal goes on from the loaded last_seq (COMMIT, CREDIT)
-    assert new.next_expiry_ms() == T0 + 1000  # the expiry heap is rebuilt
+    assert new.next_expiry_ms() == T0 + 1000  # the expiry heap is rebuilt, from the tail and the table
     assert [t for t, _ in new.expire(T0 + 1000)] == ["open-expiring"]
-    assert new.outbox == {"remote": Credit("remote", OTHER_POSITION, major(60), CURRENCY)}
-    assert deliver(new, other) == ["remote"]
+    assert new.next_expiry_ms() == T0 + 2000
+    assert [t for t, _ in new.expire(T0 + 2000)] == ["open-old"]
+    assert new.outbox == {
+        "remote-old": Credit("remote-old", OTHER_POSITION, major(35), CURRENCY),
+        "remote": Credit("remote", OTHER_POSITION, major(60), CURRENCY),
+    }
+    assert sorted(deliver(new, other)) == ["remote", "remote-old"]
     assert new.commit("funds-out", T0).outcome is Outcome.OK
-    batch = new.drain()
-    assert sorted(batch.reservations_removed) == ["funds-out", "open", "open-expiring"]
-    assert batch.credits_removed == ["remote"]
+    batch = flush(new, store, checkpoint=True)
+    assert batch.previous_seq == old.seq  # the fence holds: the new book follows the durable journal
+    assert checkpoint_rows(batch) == ([], ["closed-later", "open-old"], [], ["remote-old", "remote-old-delivered"])
+    assert not store.reservations and not store.credits
     assert_conserved(new, other)
 
 
 def test_reload_detects_a_reserved_value_that_does_not_match_the_reservations():
-    old, journal, _ = busy_book()
-    old.accounts[PAYER_POSITION].reserved_minor += 1  # as if the row and the reservations disagreed
+    _, store, _, other_store = busy_book()
+    store.accounts[PAYER_POSITION].reserved_minor += 1  # as if the row and the reservations disagreed
     with pytest.raises(InvariantViolation):
-        reload(old, journal)
+        store.load(other_store)
+
+
+def test_reload_detects_a_tail_reservation_missing_from_the_account_row():
+    _, store, _, other_store = busy_book()
+    store.journal.append(
+        JournalEntry(store.last_seq + 1, JournalKind.RESERVE, "ghost", PAYER_POSITION, 1, T0, "", PAYEE_POSITION)
+    )
+    store.last_seq += 1
+    with pytest.raises(InvariantViolation):
+        store.load(other_store)
 
 
 def test_reload_detects_a_settlement_balance_above_zero():
-    old, journal, _ = busy_book()
-    old.accounts[PAYEE_SETTLEMENT].value_minor = 1
+    _, store, _, other_store = busy_book()
+    store.accounts[PAYEE_SETTLEMENT].value_minor = 1
     with pytest.raises(InvariantViolation):
-        reload(old, journal)
+        store.load(other_store)
+
+
+# ------------------------------------------------------------------ core/recovery.py
+
+
+def tail_entry(seq: int, kind: JournalKind, transfer_id: str, amount: int, counter: int = 0, expires=None):
+    return JournalEntry(seq, kind, transfer_id, PAYER_POSITION, amount, T0, "", counter, expires)
+
+
+def payer_only_book(*, value_minor: int, reserved_minor: int, payee_here: bool = True) -> PositionBook:
+    """A book being loaded: the payer's accounts as their rows say, the payee here or on another shard."""
+    book = PositionBook(0, last_seq=100)
+    book.load_participant("payer", True)
+    book.load_account(Account(PAYER_POSITION, "payer", CURRENCY, AccountType.POSITION, value_minor, reserved_minor,
+                              net_debit_cap_minor=NDC))
+    book.load_account(Account(PAYER_SETTLEMENT, "payer", CURRENCY, AccountType.SETTLEMENT, -DEPOSIT))
+    if payee_here:
+        book.load_participant("payee", True)
+        credited = value_minor - reserved_minor  # the committed part, credited here
+        book.load_account(Account(PAYEE_POSITION, "payee", CURRENCY, AccountType.POSITION, -credited))
+    book.load_participant(HUB, True)
+    book.load_account(Account(HUB_RECONCILIATION, HUB, CURRENCY, AccountType.HUB_RECONCILIATION, DEPOSIT))
+    return book
+
+
+def test_replay_closes_a_persisted_reservation_closed_in_the_tail():
+    # Tables: p-open and p-closed. Tail: RESERVE n, COMMIT p-closed (+ its local CREDIT), brief opened and aborted.
+    table = [
+        Reservation("p-open", PAYER_POSITION, PAYEE_POSITION, 10, None, 1),
+        Reservation("p-closed", PAYER_POSITION, PAYEE_POSITION, 20, T0 + 9, 2),
+    ]
+    replay = Replay.from_tables(table, [])
+    book = payer_only_book(value_minor=10 + 20 + 30, reserved_minor=10 + 30)
+    replay.fold(
+        [
+            tail_entry(101, JournalKind.RESERVE, "n", 30, PAYEE_POSITION, T0 + 50),
+            tail_entry(102, JournalKind.COMMIT, "p-closed", 20, PAYEE_POSITION),
+            JournalEntry(103, JournalKind.CREDIT, "p-closed", PAYEE_POSITION, 20, T0),  # ignored by the fold
+            tail_entry(104, JournalKind.RESERVE, "brief", 40, PAYEE_POSITION),
+            tail_entry(105, JournalKind.ABORT, "brief", 40),
+        ],
+        book,
+    )
+    assert replay.closed_persisted == ["p-closed"]
+    assert {t: persisted for t, (_, persisted) in replay.reservations.items()} == {"p-open": True, "n": False}
+    assert replay.reservations["n"][0] == Reservation("n", PAYER_POSITION, PAYEE_POSITION, 30, T0 + 50, 101)
+    # A candidate, but the payee is on this shard: its CREDIT row came with the COMMIT, so delivered.
+    assert replay.owed_credit_ids() == ["p-closed"]
+    replay.apply(book, {"p-closed"})
+    book.check_invariants()
+    assert sorted(book.reservations) == ["n", "p-open"] and not book.outbox
+    assert book.next_expiry_ms() == T0 + 50
+    assert book.checkpoint_pending()
+    assert checkpoint_rows(book.drain(checkpoint=True)) == (["n"], ["p-closed"], [], [])
+    assert not book.checkpoint_pending()
+
+
+def test_replay_of_a_persisted_reservation_committed_to_another_shard():
+    replay = Replay.from_tables([Reservation("p", PAYER_POSITION, PAYEE_POSITION, 20, None, 7)], [])
+    book = payer_only_book(value_minor=20, reserved_minor=0, payee_here=False)
+    replay.fold([tail_entry(101, JournalKind.COMMIT, "p", 20, PAYEE_POSITION)], book)
+    assert replay.closed_persisted == ["p"]
+    assert replay.owed_credit_ids() == ["p"]
+    replay.apply(book, set())
+    book.check_invariants()
+    assert book.outbox == {"p": Credit("p", PAYEE_POSITION, 20, CURRENCY)}
+    assert checkpoint_rows(book.drain(checkpoint=True)) == ([], ["p"], ["p"], [])
+
+
+def test_replay_drops_owed_credits_already_delivered():
+    credits = [
+        Credit("c-table", PAYEE_POSITION, 5, CURRENCY),
+        Credit("c-table-delivered", PAYEE_POSITION, 6, CURRENCY),
+    ]
+    replay = Replay.from_tables([], credits)
+    book = payer_only_book(value_minor=5 + 6 + 7 + 8, reserved_minor=0, payee_here=False)
+    replay.fold(
+        [
+            tail_entry(101, JournalKind.RESERVE, "c-tail", 7, PAYEE_POSITION),
+            tail_entry(102, JournalKind.COMMIT, "c-tail", 7, PAYEE_POSITION),
+            tail_entry(103, JournalKind.RESERVE, "c-tail-delivered", 8, PAYEE_POSITION),
+            tail_entry(104, JournalKind.COMMIT, "c-tail-delivered", 8, PAYEE_POSITION),
+        ],
+        book,
+    )
+    assert replay.owed_credit_ids() == ["c-table", "c-table-delivered", "c-tail", "c-tail-delivered"]
+    replay.apply(book, {"c-table-delivered", "c-tail-delivered", "not-owed"})
+    book.check_invariants()
+    assert book.outbox == {
+        "c-table": Credit("c-table", PAYEE_POSITION, 5, CURRENCY),
+        "c-tail": Credit("c-tail", PAYEE_POSITION, 7, CURRENCY),
+    }
+    # The delivered one still in its table goes at the next checkpoint; the tail's one never got there.
+    assert checkpoint_rows(book.drain(checkpoint=True)) == ([], [], ["c-tail"], ["c-table-delivered"])
+    # An acknowledgement of a credit in the table deletes it at the next checkpoint too.
+    assert book.ack_credits(["c-table"]) == 1
+    assert checkpoint_rows(book.drain(checkpoint=True)) == ([], [], [], ["c-table"])
+
+
+def test_replay_owes_nothing_for_a_commit_to_a_local_account():
+    """Every commit is a candidate; the local credit's CREDIT row (same flush) proves it delivered."""
+    replay = Replay.from_tables([], [])
+    book = payer_only_book(value_minor=9, reserved_minor=0)
+    replay.fold(
+        [
+            tail_entry(101, JournalKind.RESERVE, "local", 9, PAYEE_POSITION),
+            tail_entry(102, JournalKind.COMMIT, "local", 9, PAYEE_POSITION),
+        ],
+        book,
+    )
+    assert replay.owed_credit_ids() == ["local"]
+    assert replay.reservations == {} and replay.closed_persisted == []
+    replay.apply(book, {"local"})
+    book.check_invariants()
+    assert not book.outbox and not book.reservations
+    assert not book.checkpoint_pending()
+
+
+def test_replay_of_expired_and_aborted_reservations_owes_nothing():
+    replay = Replay.from_tables([Reservation("p", PAYER_POSITION, PAYEE_POSITION, 3, T0, 1)], [])
+    book = payer_only_book(value_minor=0, reserved_minor=0, payee_here=False)
+    replay.fold(
+        [
+            tail_entry(101, JournalKind.EXPIRE, "p", 3),
+            tail_entry(102, JournalKind.RESERVE, "a", 4, PAYEE_POSITION),
+            tail_entry(103, JournalKind.ABORT, "a", 4),
+        ],
+        book,
+    )
+    assert replay.owed_credit_ids() == [] and replay.reservations == {}
+    assert replay.closed_persisted == ["p"]
+    replay.apply(book, set())
+    book.check_invariants()
+    assert checkpoint_rows(book.drain(checkpoint=True)) == ([], ["p"], [], [])
 
 
 def test_the_dedupe_window_is_bounded():

@@ -3,16 +3,22 @@
 Two or three ``PositionBook`` shards own the participants between them. Random transfers, funds in
 and out, net debit cap changes, activations, commits, aborts and expiries run against them with an
 injected clock. Credit legs travel between shards over a fake transport that delays, drops and
-duplicates messages (the sender retries from its outbox). Every ``drain()`` goes to a fake durable
-store that sometimes fails the write (the same batch is retried), sometimes commits it but loses the
-reply (the retry would be fenced out: the shard crashes), and shards crash at random: the book is
-then rebuilt from the durable store the way ``actors/store.py`` does.
+duplicates messages (the sender retries from its outbox; acknowledgements are not journaled). Every
+``drain()`` goes to a fake durable store (the journal, account rows, and the open_reservation and
+pending_credit tables as of the last checkpoint) that sometimes fails the write (the same batch is
+retried), sometimes commits it but loses the reply (the retry would be fenced out: the shard crashes).
+Drains ask for a checkpoint now and then, as the actor's checkpoint loop does, and shards crash at
+random, sometimes right after a checkpoint: the book is then rebuilt the way ``actors/store.py`` does,
+from the tables plus the journal tail after the checkpoint (``core.recovery.Replay``).
 
 The reference model is plain dicts per shard, kept twice: *live* (every operation the book accepted)
 and *durable* (the operations whose journal sequence number reached the store). A crash resets live
-to durable. After every step: the invariants hold, each book equals its model, money is conserved
-across the shards (live and durable, counting credits in flight), and every answer given to a
-caller as durable (the actor answers once ``result.seq`` is durable) is in the durable journal.
+to durable, less the owed credits that have a durable CREDIT row somewhere. After every step: the
+invariants hold, each book equals its model, the tables plus the journal tail say what the durable
+model says is open and owed (and what a replay of the whole journal says), money is conserved across
+the shards (live and durable, counting credits in flight), and every answer given to a caller as
+durable (the actor answers once ``result.seq`` is durable) is in the durable journal. After every
+checkpoint the tables equal memory at its drain.
 
 Replay a failure with ``RAYLOOP_SIM_SEED=<seed>``; the seed is in every failure message.
 """
@@ -45,6 +51,7 @@ from core.ledger import (
     TransferState,
 )
 from core.money import MAX_AMOUNT_MINOR, MINOR_PER_MAJOR
+from core.recovery import Replay
 
 SEED_COUNT = 20
 STEPS = 400
@@ -60,6 +67,9 @@ WINDOW = 100_000  # large enough that no dedupe window evicts during a run
 P_WRITE_FAILS = 0.15  # the write fails before it commits; the same batch is retried
 P_REPLY_LOST = 0.05  # the write commits but the reply is lost; the retry is fenced out: crash
 P_CRASH = 0.03  # a shard crashes between commands
+P_CHECKPOINT = 0.08  # a drain asks for a checkpoint (when the tables lag memory; sometimes regardless)
+P_CRASH_AFTER_CHECKPOINT = 0.15  # a shard crashes right after a checkpoint reached the store
+CHECKPOINT_MAX_ENTRIES = 150  # a checkpoint is forced once the journal tail is this long
 P_DROP = 0.15
 P_DUPLICATE = 0.15
 MAX_DELAY_STEPS = 6
@@ -73,27 +83,32 @@ def major(units: int) -> int:
 
 
 class FakeDurableStore:
-    """What Postgres holds for one shard: the accumulated result of every FlushBatch written."""
+    """What Postgres holds for one shard: the journal, the account and participant rows, and the
+    open_reservation and pending_credit tables as of the shard's last checkpoint."""
 
     def __init__(self, shard_id: int):
         self.shard_id = shard_id
-        self.last_seq = 0
+        self.peers: list[FakeDurableStore] = [self]  # every shard's store (CREDIT rows are looked up in all)
+        self.last_seq = 0  # shard.last_durable_seq
+        self.checkpoint_seq = 0  # shard.checkpoint_seq
         self.participants: dict[str, bool] = {}
         self.accounts: dict[int, Account] = {}
-        self.reservations: dict[str, Reservation] = {}
-        self.outbox: dict[str, Credit] = {}
+        self.reservations: dict[str, Reservation] = {}  # open_reservation, as of the last checkpoint
+        self.credits: dict[str, Credit] = {}  # pending_credit, as of the last checkpoint
         self.journal: list[JournalEntry] = []
         self.kinds: dict[str, set[JournalKind]] = defaultdict(set)
 
     def write(self, batch: FlushBatch) -> None:
         """One atomic transaction, with the checks the schema and the fence would make."""
-        entries = batch.entries
-        assert entries, "an empty batch reached the journal"
-        seqs = [e.seq for e in entries]
-        assert seqs == list(range(self.last_seq + 1, self.last_seq + 1 + len(entries))), (
-            f"shard {self.shard_id}: journal sequence must grow by one from {self.last_seq}: {seqs}"
+        assert not batch.is_empty(), "an empty batch reached the store"
+        assert batch.previous_seq == self.last_seq, (
+            f"shard {self.shard_id}: fenced out, batch follows {batch.previous_seq}, store at {self.last_seq}"
         )
-        assert batch.last_seq == seqs[-1]
+        entries = batch.entries
+        seqs = [e.seq for e in entries]
+        assert seqs == list(range(self.last_seq + 1, batch.last_seq + 1)), (
+            f"shard {self.shard_id}: journal sequence must grow by one from {self.last_seq} to {batch.last_seq}: {seqs}"
+        )
         for entry in entries:
             if entry.transfer_id is None:
                 continue
@@ -108,26 +123,29 @@ class FakeDurableStore:
             self.accounts[account.account_id] = _copy_account(account)
         for participant in batch.participants:
             self.participants[participant.name] = participant.is_active
-        for transfer_id in batch.reservations_removed:
-            assert self.reservations.pop(transfer_id, None) is not None, f"removed unknown {transfer_id}"
-        for r in batch.reservations_added:
-            assert r.transfer_id not in self.reservations, f"reservation {r.transfer_id} added twice"
-            self.reservations[r.transfer_id] = Reservation(
-                r.transfer_id,
-                r.debit_account_id,
-                r.credit_account_id,
-                r.amount_minor,
-                r.expires_at_ms,
-                r.reserved_seq,
-            )
-        for transfer_id in batch.credits_removed:
-            assert self.outbox.pop(transfer_id, None) is not None, f"removed unknown credit {transfer_id}"
-        for c in batch.credits_added:
-            assert c.transfer_id not in self.outbox, f"credit {c.transfer_id} added twice"
-            self.outbox[c.transfer_id] = Credit(
-                c.transfer_id, c.credit_account_id, c.amount_minor, c.currency
-            )
+        checkpoint = batch.checkpoint
+        if checkpoint is not None:
+            # A DELETE of a missing row or an INSERT of a present one means the book lost track of its tables.
+            for transfer_id in checkpoint.reservations_delete:
+                assert self.reservations.pop(transfer_id, None) is not None, f"deleted unknown {transfer_id}"
+            for r in checkpoint.reservations_insert:
+                assert r.transfer_id not in self.reservations, f"reservation {r.transfer_id} inserted twice"
+                self.reservations[r.transfer_id] = Reservation(
+                    r.transfer_id, r.debit_account_id, r.credit_account_id, r.amount_minor, r.expires_at_ms,
+                    r.reserved_seq,
+                )
+            for transfer_id in checkpoint.credits_delete:
+                assert self.credits.pop(transfer_id, None) is not None, f"deleted unknown credit {transfer_id}"
+            for c in checkpoint.credits_insert:
+                assert c.transfer_id not in self.credits, f"credit {c.transfer_id} inserted twice"
+                self.credits[c.transfer_id] = Credit(c.transfer_id, c.credit_account_id, c.amount_minor, c.currency)
+            self.checkpoint_seq = batch.last_seq
         self.last_seq = batch.last_seq
+
+    def tail(self) -> list[JournalEntry]:
+        """The journal rows after the checkpoint that recovery folds over the tables."""
+        kinds = (JournalKind.RESERVE, *TERMINAL_KINDS)
+        return [e for e in self.journal[self.checkpoint_seq:] if e.kind in kinds]  # journal[i].seq == i + 1
 
     def load(self) -> PositionBook:
         """Rebuild a book as ``actors/store.py`` ``load`` does."""
@@ -136,19 +154,19 @@ class FakeDurableStore:
             book.load_participant(name, is_active)
         for account_id in sorted(self.accounts):
             book.load_account(_copy_account(self.accounts[account_id]))
-        for r in sorted(self.reservations.values(), key=lambda r: r.reserved_seq):
-            book.load_reservation(
-                Reservation(
-                    r.transfer_id,
-                    r.debit_account_id,
-                    r.credit_account_id,
-                    r.amount_minor,
-                    r.expires_at_ms,
-                    r.reserved_seq,
-                )
-            )
-        for c in self.outbox.values():
-            book.load_outbox_credit(Credit(c.transfer_id, c.credit_account_id, c.amount_minor, c.currency))
+        replay = Replay.from_tables(
+            [
+                Reservation(r.transfer_id, r.debit_account_id, r.credit_account_id, r.amount_minor, r.expires_at_ms,
+                            r.reserved_seq)
+                for r in sorted(self.reservations.values(), key=lambda r: r.reserved_seq)
+            ],
+            [Credit(c.transfer_id, c.credit_account_id, c.amount_minor, c.currency) for c in self.credits.values()],
+        )
+        replay.fold(self.tail(), book)
+        owed = replay.owed_credit_ids()
+        # SELECT transfer_id FROM journal WHERE kind = CREDIT AND transfer_id = ANY(owed): every shard's journal.
+        delivered = {t for t in owed if any(JournalKind.CREDIT in s.kinds.get(t, ()) for s in self.peers)}
+        replay.apply(book, delivered)
         finished = [e for e in self.journal if e.kind in TERMINAL_KINDS][-WINDOW:]
         for e in finished:
             state = TransferState.COMMITTED if e.kind == JournalKind.COMMIT else TransferState.ABORTED
@@ -160,6 +178,40 @@ class FakeDurableStore:
 
     def credited(self) -> set[str]:
         return {t for t, kinds in self.kinds.items() if JournalKind.CREDIT in kinds}
+
+    # --- what the durable state says is in flight, read as the currency_conservation view does
+
+    def open_reservations(self) -> dict[str, tuple[int, int]]:
+        """transfer id -> (debit account, amount): the tables, plus the tail's RESERVE rows, minus closed ones."""
+        found = {t: (r.debit_account_id, r.amount_minor) for t, r in self.reservations.items()}
+        for e in self.tail():
+            if e.kind is JournalKind.RESERVE:
+                assert e.transfer_id not in found, f"{e.transfer_id}: in the table and reserved in the tail"
+                found[e.transfer_id] = (e.account_id, e.amount_minor)
+            else:
+                found.pop(e.transfer_id, None)
+        return found
+
+    def owed_credits(self, credited: set[str]) -> dict[str, tuple[int, int, str]]:
+        """transfer id -> (credit account, amount, currency): owed to other shards, without a CREDIT row."""
+        owed = {t: (c.credit_account_id, c.amount_minor, c.currency) for t, c in self.credits.items()}
+        for e in self.tail():
+            if e.kind is JournalKind.COMMIT and e.counter_account_id not in self.accounts:
+                owed[e.transfer_id] = (e.counter_account_id, e.amount_minor, self.accounts[e.account_id].currency)
+        return {t: c for t, c in owed.items() if t not in credited}
+
+    def from_the_whole_journal(self, credited: set[str]) -> tuple[dict, dict]:
+        """The same two, ignoring the tables: what a replay of the whole journal says."""
+        reservations: dict[str, tuple[int, int]] = {}
+        owed: dict[str, tuple[int, int, str]] = {}
+        for e in self.journal:
+            if e.kind is JournalKind.RESERVE:
+                reservations[e.transfer_id] = (e.account_id, e.amount_minor)
+            elif e.kind in TERMINAL_KINDS:
+                del reservations[e.transfer_id]
+                if e.kind is JournalKind.COMMIT and e.counter_account_id not in self.accounts:
+                    owed[e.transfer_id] = (e.counter_account_id, e.amount_minor, self.accounts[e.account_id].currency)
+        return reservations, {t: c for t, c in owed.items() if t not in credited}
 
 
 def _copy_account(a: Account) -> Account:
@@ -232,7 +284,16 @@ class ShardModel:
             done += 1
         del self.pending[:done]
 
-    def crash(self) -> None:
+    def acknowledged(self, transfer_id: str) -> None:
+        """The owning shard made the credit durable: owed no more, live or durable (acks are not journaled)."""
+        effect_ack(transfer_id)(self.live)
+        assert transfer_id in self.durable.outbox, f"{transfer_id} acknowledged before its commit was durable"
+        effect_ack(transfer_id)(self.durable)
+
+    def crash(self, delivered: set[str]) -> None:
+        """Back to what is durable; owed credits with a durable CREDIT row anywhere are delivered."""
+        for transfer_id in [t for t in self.durable.outbox if t in delivered]:
+            effect_ack(transfer_id)(self.durable)
         self.live = self.durable.copy()
         self.pending.clear()
 
@@ -335,7 +396,8 @@ class SimShard:
         self.store = store
         self.book = store.load()
         self.model = ShardModel(sim, store.shard_id, model)
-        self.inflight: FlushBatch | None = None
+        # The batch handed over and not yet written, with the tables it must leave (checkpoints only).
+        self.inflight: tuple[FlushBatch, tuple[set[str], set[str]] | None] | None = None
         self.waiters: list[Waiter] = []
         # (transfer_id, kinds): answers given as durable; one of the kinds must be in the journal.
         self.acknowledged: list[tuple[str, frozenset[JournalKind]]] = []
@@ -359,28 +421,41 @@ class SimShard:
         if waiter.then is not None:
             waiter.then()
 
-    def flush(self) -> None:
+    def wants_checkpoint(self) -> bool:
+        """As the actor's checkpoint loop: now and then when the tables lag memory, or when the tail is long."""
+        rng = self.sim.rng
+        if self.book.seq - self.store.checkpoint_seq >= CHECKPOINT_MAX_ENTRIES:
+            return True
+        return rng.random() < P_CHECKPOINT and (self.book.checkpoint_pending() or rng.random() < 0.3)
+
+    def flush(self, *, checkpoint: bool | None = None) -> None:
         if self.inflight is None:
-            batch = self.book.drain()
-            if not batch.entries:
-                assert not (
-                    batch.accounts
-                    or batch.participants
-                    or batch.reservations_added
-                    or batch.reservations_removed
-                    or batch.credits_added
-                    or batch.credits_removed
-                ), f"a change without a journal entry: {batch}"
+            if checkpoint is None:
+                checkpoint = self.wants_checkpoint()
+            batch = self.book.drain(checkpoint=checkpoint)
+            if batch.is_empty():
+                assert not (batch.accounts or batch.participants), f"a change without a journal entry: {batch}"
                 return
-            self.inflight = batch
+            # What the tables must hold once this checkpoint is written: memory as it is now.
+            tables = (set(self.book.reservations), set(self.book.outbox)) if checkpoint else None
+            self.inflight = (batch, tables)
         roll = self.sim.rng.random() if self.sim.faults else 1.0
         if roll < P_WRITE_FAILS:
             return  # nothing written; the same batch is retried on the next flush
-        batch, self.inflight = self.inflight, None
+        (batch, tables), self.inflight = self.inflight, None
         self.store.write(batch)
         self.model.durable_up_to(batch.last_seq)
+        if batch.checkpoint is not None:
+            self.sim.counts["checkpoint"] += 1
+            assert (set(self.store.reservations), set(self.store.credits)) == tables, (
+                f"shard {self.shard_id}: the tables after a checkpoint differ from memory at its drain"
+            )
         if roll < P_WRITE_FAILS + P_REPLY_LOST:
             self.crash()  # committed, but the retry would be fenced out
+            return
+        if batch.checkpoint is not None and self.sim.faults and self.sim.rng.random() < P_CRASH_AFTER_CHECKPOINT:
+            self.sim.counts["crash right after a checkpoint"] += 1
+            self.crash()
             return
         ready = [w for w in self.waiters if w.seq <= batch.last_seq]
         self.waiters = [w for w in self.waiters if w.seq > batch.last_seq]
@@ -388,12 +463,21 @@ class SimShard:
             self._answer(waiter)
 
     def crash(self) -> None:
-        self.book = self.store.load()
+        """Discard the book and rebuild it from the store, as a restarted actor does."""
+        store = self.store
+        tail = store.tail()
+        self.sim.counts["crash with a journal tail" if tail else "crash with no tail"] += 1
+        if store.reservations or store.credits:
+            self.sim.counts["crash with table rows"] += 1
+        if any(e.kind is JournalKind.COMMIT for e in tail) and (store.reservations or store.credits):
+            self.sim.counts["crash with table rows and commits after them"] += 1
+        self.book = store.load()
         self.inflight = None
         self.waiters.clear()  # callers waiting on this incarnation get an error: unknown outcome
-        self.model.crash()
+        self.model.crash(self.sim.durably_credited())
         self.sim.crashes += 1
         self.sim.check_shard(self, full=True)
+        self.sim.check_durable(self)
         # Nothing answered as durable is lost.
         for transfer_id, kinds in self.acknowledged:
             if kinds & {JournalKind.RESERVE}:
@@ -419,6 +503,8 @@ class Simulation:
         names = [HUB, *self.dfsps]
         self.shard_of: dict[str, int] = {name: rng.randrange(shard_count) for name in names}
         stores = [FakeDurableStore(i) for i in range(shard_count)]
+        for store in stores:
+            store.peers = stores
         models = [ModelState({}, {}, {}, {}) for _ in range(shard_count)]
         self.info: dict[int, tuple[str, str, AccountType]] = {}
         self.account: dict[tuple[str, str, AccountType], int] = {}
@@ -563,15 +649,18 @@ class Simulation:
     def deliver_ack(self, shard_id: int, transfer_id: str) -> None:
         shard = self.shards[shard_id]
         expected = transfer_id in shard.model.live.outbox
-        seq = shard.book.ack_credits([transfer_id], self.now)
-        assert (seq > 0) == expected, f"ack of {transfer_id}: seq {seq}, in outbox {expected}"
-        if seq:
-            shard.model.record(seq, effect_ack(transfer_id))
+        seq = shard.book.seq
+        dropped = shard.book.ack_credits([transfer_id])
+        assert dropped == int(expected), f"ack of {transfer_id}: dropped {dropped}, in outbox {expected}"
+        assert shard.book.seq == seq, "an acknowledgement was journaled"
+        if dropped:
+            shard.model.acknowledged(transfer_id)
+        self.counts[f"ack {'dropped' if dropped else 'ignored'}"] += 1
 
     def send_outbox(self, shard: SimShard) -> None:
         # Only credits whose commit is durable may leave the shard.
         for transfer_id, credit in list(shard.book.outbox.items()):
-            if transfer_id in shard.store.outbox:
+            if JournalKind.COMMIT in shard.store.kinds.get(transfer_id, ()):
                 self.send("credit", shard.shard_id, self.owner[credit.credit_account_id], credit)
 
     def send(self, kind: str, source: int, target: int, payload) -> None:
@@ -790,7 +879,14 @@ class Simulation:
             assert not shard.book.outbox, f"shard {shard.shard_id} still owes {list(shard.book.outbox)}"
             assert not shard.waiters and shard.inflight is None
             assert shard.model.live == shard.model.durable, "everything is durable once settled"
-            shard.crash()  # a reload of a quiet shard gives the same book
+            shard.flush(checkpoint=True)  # the final checkpoint of a clean stop
+            store = shard.store
+            assert shard.inflight is None and store.checkpoint_seq == store.last_seq == shard.book.seq
+            assert not shard.book.checkpoint_pending()
+            assert set(store.reservations) == set(shard.book.reservations) and not store.credits
+            assert store.tail() == []
+            shard.crash()  # a reload of a quiet shard, from the tables alone, gives the same book
+            assert not shard.book.checkpoint_pending()
         self.check_all(full=True)
 
     # --- checks
@@ -798,7 +894,24 @@ class Simulation:
     def check_all(self, *, full: bool) -> None:
         for shard in self.shards:
             self.check_shard(shard, full=full)
+            self.check_durable(shard, full=full)
         self.check_conservation()
+
+    def durably_credited(self) -> set[str]:
+        """Transfer ids with a CREDIT row in some shard's durable journal."""
+        return set().union(*(s.store.credited() for s in self.shards))
+
+    def check_durable(self, shard: SimShard, *, full: bool = True) -> None:
+        """The tables plus the journal tail say what the durable model says is open and owed."""
+        store, m = shard.store, shard.model.durable
+        where = f"shard {shard.shard_id} durable"
+        credited = self.durably_credited()
+        reservations = {t: (r[0], r[2]) for t, r in m.reservations.items()}
+        owed = {t: c for t, c in m.outbox.items() if t not in credited}
+        assert store.open_reservations() == reservations, where
+        assert store.owed_credits(credited) == owed, where
+        if full:
+            assert store.from_the_whole_journal(credited) == (reservations, owed), f"{where}: tables and journal"
 
     def check_shard(self, shard: SimShard, *, full: bool) -> None:
         book = shard.book
@@ -837,26 +950,29 @@ class Simulation:
 
     def check_conservation(self) -> None:
         """Per currency, across shards: values - open reservations - credits in flight == 0."""
-        live_credited = {s.shard_id: s.model.live.credited for s in self.shards}
-        durable_credited = {s.shard_id: s.store.credited() for s in self.shards}
-        for view, credited in (("live", live_credited), ("durable", durable_credited)):
+        durable_credited = self.durably_credited()
+        for view in ("live", "durable"):
             totals: dict[str, int] = defaultdict(int)
             for shard in self.shards:
                 if view == "live":
                     accounts = shard.book.accounts
-                    reservations = shard.book.reservations.values()
-                    outbox = shard.book.outbox.values()
-                else:
+                    reservations = [(r.debit_account_id, r.amount_minor) for r in shard.book.reservations.values()]
+                    outbox = [
+                        (c.currency, c.amount_minor)
+                        for c in shard.book.outbox.values()
+                        # applied there already: in its values, not in flight
+                        if c.transfer_id not in self.shards[self.owner[c.credit_account_id]].model.live.credited
+                    ]
+                else:  # what the currency_conservation view reads: rows, tables and journal tail
                     accounts = shard.store.accounts
-                    reservations = shard.store.reservations.values()
-                    outbox = shard.store.outbox.values()
+                    reservations = list(shard.store.open_reservations().values())
+                    outbox = [(c, a) for _, a, c in shard.store.owed_credits(durable_credited).values()]
                 for account in accounts.values():
                     totals[account.currency] += account.value_minor
-                for r in reservations:
-                    totals[accounts[r.debit_account_id].currency] -= r.amount_minor
-                for c in outbox:
-                    if c.transfer_id not in credited[self.owner[c.credit_account_id]]:
-                        totals[c.currency] -= c.amount_minor
+                for debit_id, amount in reservations:
+                    totals[accounts[debit_id].currency] -= amount
+                for currency, amount in outbox:
+                    totals[currency] -= amount
             assert all(v == 0 for v in totals.values()), f"{view} money not conserved: {dict(totals)}"
 
 
@@ -875,3 +991,4 @@ def test_simulation(seed):
         ) from error
     # The run exercised what it is meant to exercise.
     assert sim.counts["commit OK"] > 0 and sim.counts["reserve OK"] > 0, (seed, dict(sim.counts))
+    assert sim.counts["checkpoint"] > 0 and sim.crashes > 0, (seed, dict(sim.counts))

@@ -209,3 +209,61 @@ def test_concurrent_callers_share_flushes(database_url, batch_size):
             await cluster.stop()
 
     uvloop.run(scenario())
+
+
+def test_crash_between_checkpoints_replays_the_journal_tail(database_url):
+    """Reservations and owed credits written only to the journal since the last checkpoint come back."""
+    async def scenario():
+        ids = await _seed(database_url)
+        cluster = Cluster(database_url)
+        cluster.settings = ShardSettings(dsn=database_url, credit_retry_ms=20, expiry_tick_ms=10,
+                                         checkpoint_interval_ms=3_600_000)
+        for shard_id in (0, 1):
+            await cluster.shards[shard_id].stop()
+            cluster.restart(shard_id)
+        try:
+            await cluster.run(0, _reserve(str(uuid.uuid4()), ids["Hub.HUB_RECONCILIATION"], ids["payer.SETTLEMENT"],
+                                          "1000", check=pb.CHECK_NONE, commit_now=True))
+            await cluster.run(0, pb.Command(set_net_debit_cap=pb.SetNetDebitCap(
+                account_id=ids["payer.POSITION"], cap_minor=str(parse_amount("1000")))))
+            open_ids = [str(uuid.uuid4()) for _ in range(5)]
+            committed_ids = [str(uuid.uuid4()) for _ in range(5)]
+            await cluster.run(0, *(_reserve(t, ids["payer.POSITION"], ids["payee.POSITION"], "3")
+                                   for t in open_ids + committed_ids))
+            # Commit while the payee's shard is down: the credit legs stay owed.
+            payee_shard = cluster.shards.pop(1)
+            await payee_shard.stop()
+            reply = await cluster.run(0, *(pb.Command(commit=pb.Commit(transfer_id=t)) for t in committed_ids))
+            assert [r.outcome for r in reply.results] == [Outcome.OK] * 5
+            assert reply.credits_pending == 5
+            before = await cluster.shards[0].describe()
+            # Crash shard 0: its loops stop without a checkpoint, as after SIGKILL.
+            crashed = cluster.shards[0]
+            for task in crashed._tasks:
+                task.cancel()
+            await asyncio.gather(*crashed._tasks, return_exceptions=True)
+            await crashed._pool.close()
+            connection = await asyncpg.connect(database_url)
+            try:
+                assert await connection.fetchval("SELECT count(*) FROM open_reservation") == 0
+                assert await connection.fetchval("SELECT count(*) FROM pending_credit") == 0
+            finally:
+                await connection.close()
+            cluster.restart(0)
+            cluster.restart(1)
+            after = await cluster.shards[0].describe()
+            assert after["participants"] == before["participants"]
+            assert sorted(cluster.shards[0].book.reservations) == sorted(open_ids)
+            # The owed credits are delivered once the payee's shard is back.
+            for _ in range(200):
+                if not cluster.shards[0].book.outbox:
+                    break
+                await asyncio.sleep(0.02)
+            assert not cluster.shards[0].book.outbox
+            reply = await cluster.run(0, *(pb.Command(abort=pb.Abort(transfer_id=t)) for t in open_ids))
+            assert [r.outcome for r in reply.results] == [Outcome.OK] * 5
+            await _assert_conserved(database_url, cluster)
+        finally:
+            await cluster.stop()
+
+    uvloop.run(scenario())

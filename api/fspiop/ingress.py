@@ -1,0 +1,199 @@
+"""The FSPIOP ingress: route, check headers and body, answer at once, then do the work.
+
+Each ingress worker is a process (a Ray actor, ``IngressWorker``) running its own uvloop event
+loop with an ``HttpServer``; several workers share the port (``SO_REUSEPORT``), so ingress scales
+with processes and nodes. A worker keeps no transfer state: the payer's shard has it.
+
+Synchronous answers: 404/3002 unknown URI, 405/3000 method, 406/3001 version, 400/31xx for
+headers and schema (RULES.md 2), 413/3104 too large, 501/2002 for what the hub does not serve,
+503/2005 when a shard's queue is full; everything else is 202 (requests) or 200 (callbacks), and the
+outcome arrives as a callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import orjson
+
+from api.fspiop import routes, schema
+from api.fspiop.headers import HeaderChecker
+from api.http import HttpServer, Request, Response
+from core.errors import FspiopError
+
+log = logging.getLogger(__name__)
+
+_ERROR_TYPE = "application/vnd.interoperability.transfers+json;version=1.1"
+
+
+def _error_response(error: FspiopError) -> Response:
+    return Response(error.http_status, orjson.dumps(error.to_body()), content_type="application/json")
+
+
+class FspiopIngress:
+    """The HTTP handler: turns requests into work for the resource handlers."""
+
+    def __init__(self, transfers, *, max_background_tasks: int = 50_000, checker: HeaderChecker | None = None):
+        self.transfers = transfers
+        self.checker = checker or HeaderChecker()
+        self.max_background_tasks = max_background_tasks
+        self._tasks: set[asyncio.Task] = set()
+        self.requests = 0
+
+    async def handle(self, request: Request) -> Response:
+        self.requests += 1
+        if request.method == "GET" and request.path == "/health":
+            return Response(200, b'{"status":"OK"}', content_type="application/json")
+        try:
+            route = routes.resolve(request.method, request.path)
+            negotiated = self.checker.check(route, request.headers)
+            body = schema.validate(route, request.body) if schema.has_body(route) else None
+            work = self._work_for(route, request, body, negotiated)
+        except FspiopError as error:
+            return _error_response(error)
+        if len(self._tasks) >= self.max_background_tasks:
+            return _error_response(FspiopError(2005, "too many requests in progress"))
+        task = asyncio.get_running_loop().create_task(self._run(work, route.template, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return Response(202 if request.method in ("POST", "GET", "DELETE") else 200)
+
+    def _work_for(self, route, request: Request, body, negotiated):
+        version = f"{negotiated.response[0]}.{negotiated.response[1]}"
+        headers = request.headers
+        if route.resource != "transfers":
+            raise FspiopError(2002, f"{route.resource} is not served by this hub yet")
+        template = route.template
+        if template == "/transfers" and route.method == "POST":
+            return self.transfers.prepare(headers, request.body, body, version)
+        transfer_id = route.params.get("ID", "")
+        if template == "/transfers/{ID}" and route.method == "PUT":
+            self.transfers.check_fulfil(body, version)
+            return self.transfers.fulfil(headers, request.body, body, transfer_id, version)
+        if template == "/transfers/{ID}/error" and route.method == "PUT":
+            return self.transfers.reject(headers, request.body, body, transfer_id, version)
+        if template == "/transfers/{ID}" and route.method == "GET":
+            return self.transfers.get(headers, transfer_id, version)
+        # PATCH /transfers/{ID} goes from the hub to payees, never the other way (RULES.md 4).
+        raise FspiopError(2002, f"{route.method} {template} is sent by the hub, not received")
+
+    async def _run(self, work, template: str, request: Request) -> None:
+        try:
+            await work
+        except Exception:  # a failed request must never take the worker down; it is logged with its trace
+            log.exception("FSPIOP %s %s failed after it was accepted", request.method, request.path)
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+
+
+class IngressWorker:
+    """One ingress process: its own uvloop thread with the HTTP server, the batchers and the callbacks.
+
+    Ray hosts it as an actor (``cluster/hub.py``); the event loop runs in a thread of its own so it
+    is uvloop whatever loop Ray uses for actor calls.
+    """
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._stopped: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.port = 0
+        self._stats: dict = {}
+        if settings.get("start_now", True):
+            # Started here, not only by start(): a worker Ray restarts after a crash serves again at once.
+            self.start()
+
+    def start(self) -> int:
+        if self._thread is not None:
+            return self.port
+        self._thread = threading.Thread(target=self._run_thread, name="fspiop-ingress", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout=120):
+            raise RuntimeError("ingress worker did not start")
+        if self._error is not None:
+            raise RuntimeError(f"ingress worker failed to start: {self._error!r}")
+        return self.port
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def _run_thread(self) -> None:
+        import uvloop
+
+        try:
+            uvloop.run(self._main())
+        except BaseException as error:  # reported to start() through _error, never lost
+            self._error = error
+            self._ready.set()
+
+    async def _main(self) -> None:
+        import asyncpg
+        import ray
+
+        from actors.ray_shard import shard_actor_name
+        from api.fspiop.directory import ParticipantDirectory
+        from api.fspiop.transfers import TransferNotifier, TransfersHandler
+        from cluster.ledger_client import LedgerClient, ShardBatcher
+
+        s = self.settings
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        pool = await asyncpg.create_pool(s["dsn"], min_size=1, max_size=s.get("pool_size", 4), command_timeout=60)
+        directory = ParticipantDirectory(pool, refresh_ms=s.get("directory_refresh_ms", 2_000))
+        await directory.start()
+        notifier = await TransferNotifier.create(
+            pool, hub_name=s["hub_name"], timeout_ms=s.get("callback_timeout_ms", 5_000),
+            retries=s.get("callback_retries", 2), queue_max_per_fsp=s.get("callback_queue_max", 10_000),
+        )
+        handles = {
+            shard_id: ray.get_actor(shard_actor_name(shard_id), namespace=s["namespace"])
+            for shard_id in range(s["shard_count"])
+        }
+        ledger = LedgerClient(handles, call_timeout_ms=s.get("actor_call_timeout_ms", 30_000),
+                              retries=s.get("actor_call_retries", 3))
+        batchers = {
+            shard_id: ShardBatcher(ledger, shard_id, batch_max=s.get("batch_max", 256),
+                                   max_in_flight=s.get("batch_in_flight", 4), queue_max=s.get("queue_max", 20_000))
+            for shard_id in handles
+        }
+        transfers = TransfersHandler(directory=directory, batchers=batchers, notifier=notifier, pool=pool,
+                                     hub_name=s["hub_name"], allow_on_us=s.get("allow_on_us", False))
+        ingress = FspiopIngress(transfers)
+        server = HttpServer(ingress.handle, s.get("host", "127.0.0.1"), s["port"], reuse_port=True,
+                            too_large_response=lambda status: _error_response(FspiopError(3104)))
+        self.port = await server.start()
+        self._ready.set()
+        started = time.monotonic()
+        try:
+            while not self._stopped.is_set():
+                try:
+                    await asyncio.wait_for(self._stopped.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                self._stats = {
+                    "requests": ingress.requests, "uptime_s": round(time.monotonic() - started, 1),
+                    "ledger_calls": sum(b.calls for b in batchers.values()),
+                    "ledger_commands": sum(b.commands for b in batchers.values()),
+                    "callbacks_pending": notifier.dispatcher.pending,
+                }
+        finally:
+            await server.stop()
+            await ingress.drain()
+            await notifier.dispatcher.drain(5.0)
+            await notifier.close()
+            await directory.stop()
+            await pool.close()
