@@ -148,3 +148,16 @@ class HubThread:
 
     def admin(self, method: str, path: str, body=None) -> tuple[int, object]:
         return _request(self.hub.admin_port, method, path, body)
+
+
+async def onboard_dfsps(hub: Hub, sim, names: list[str], currency: str = "XTS", *, ndc: str = "10000",
+                        deposit: str = "10000") -> None:
+    """Onboard simulated DFSPs (``sim.simulator.Simulator``) with their callback endpoints."""
+    for name in names:
+        sim.add_dfsp(name)
+    await onboard(hub, names, currency, ndc=ndc, deposit=deposit)
+    for name in names:
+        for endpoint_type, value in sim.endpoints(name).items():
+            status, body = await admin(hub, "POST", f"/participants/{name}/endpoints",
+                                       {"type": endpoint_type, "value": value})
+            assert status == 201, body

@@ -18,6 +18,7 @@ import threading
 import time
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 
 from api.fspiop import routes, schema
 from api.fspiop.headers import HeaderChecker
@@ -29,8 +30,20 @@ log = logging.getLogger(__name__)
 _ERROR_TYPE = "application/vnd.interoperability.transfers+json;version=1.1"
 
 
+REQUESTS = Counter(
+    "rayloop_fspiop_requests_total", "FSPIOP requests answered by this ingress process",
+    ["resource", "method", "status"],
+)
+
+
 def _error_response(error: FspiopError) -> Response:
     return Response(error.http_status, orjson.dumps(error.to_body()), content_type="application/json")
+
+
+def _resource_of(path: str) -> str:
+    # A bounded label: the first path segment if it is an FSPIOP resource, else "other".
+    first = path.strip("/").split("/", 1)[0]
+    return first if first in routes.RESOURCES else "other"
 
 
 class FspiopIngress:
@@ -47,19 +60,25 @@ class FspiopIngress:
         self.requests += 1
         if request.method == "GET" and request.path == "/health":
             return Response(200, b'{"status":"OK"}', content_type="application/json")
+        if request.method == "GET" and request.path == "/metrics":
+            return Response(200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
         try:
             route = routes.resolve(request.method, request.path)
             negotiated = self.checker.check(route, request.headers)
             body = schema.validate(route, request.body) if schema.has_body(route) else None
             work = self._work_for(route, request, body, negotiated)
         except FspiopError as error:
+            REQUESTS.labels(_resource_of(request.path), request.method, str(error.http_status)).inc()
             return _error_response(error)
         if len(self._tasks) >= self.max_background_tasks:
+            REQUESTS.labels(route.resource, request.method, "503").inc()
             return _error_response(FspiopError(2005, "too many requests in progress"))
         task = asyncio.get_running_loop().create_task(self._run(work, route.template, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return Response(202 if request.method in ("POST", "GET", "DELETE") else 200)
+        status = 202 if request.method in ("POST", "GET", "DELETE") else 200
+        REQUESTS.labels(route.resource, request.method, str(status)).inc()
+        return Response(status)
 
     def _work_for(self, route, request: Request, body, negotiated):
         version = f"{negotiated.response[0]}.{negotiated.response[1]}"

@@ -121,6 +121,8 @@ def _build_index() -> dict[tuple[str, int], tuple[_Template, ...]]:
 
 
 _INDEX = _build_index()
+# The resources (first path segments) the spec defines: a bounded set, e.g. for metric labels.
+RESOURCES = frozenset(resource for resource, _ in _INDEX)
 
 
 def operations() -> list[tuple[str, str, str]]:
