@@ -521,3 +521,86 @@ def test_dead_payee_does_not_stall_others(hub):
             await sim.stop()
 
     run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------- versions
+
+
+def test_version_1_0_is_negotiated_and_used_for_callbacks(hub):
+    async def scenario():
+        sim = await _sim(hub)
+        payer, payee = pair()
+        try:
+            onboard(hub, sim, payer)
+            onboard(hub, sim, payee, behaviour=Behaviour(mode="commit", version="1.0"))
+            _, _, prepare = await sim.send_prepare(payer, payee, "1", CURRENCY, version="1.0")
+            forwarded = await sim.wait_for(payee, lambda r: r.method == "POST", 10)
+            assert forwarded.headers["content-type"].endswith("version=1.0")
+            committed = await wait_callback(sim, payer, prepare["transferId"], error=False)
+            assert committed.headers["content-type"].endswith("version=1.0")
+            # A refusal the hub originates speaks the payer's version too.
+            body = sim.prepare_body(payer, payee, "100000", CURRENCY)
+            await sim.send("POST", "/transfers", body, source=payer, destination=payee, version="1.0")
+            error = await wait_callback(sim, payer, body["transferId"], error=True)
+            assert error.headers["content-type"] == "application/vnd.interoperability.transfers+json;version=1.0"
+        finally:
+            await sim.stop()
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def test_payer_shard_killed_mid_stream_loses_nothing(hub):
+    """SIGKILL the payer's shard while 60 transfers are in flight: each ends COMMITTED or 3303, once."""
+    import os
+    import signal
+
+    async def scenario():
+        sim = await _sim(hub)
+        payer, payee = pair("kill")
+        try:
+            onboard(hub, sim, payer, ndc="100000", deposit="100000")
+            onboard(hub, sim, payee)
+            shard_id = hub.hub.handles and next(
+                s for s in hub.hub.handles
+                if payer in [p["name"] for p in hub.call(hub.hub.ledger.describe(s))["participants"]])
+            victim = hub.call(_ping(hub.hub.handles[shard_id]))["pid"]
+            prepares = []
+
+            async def send_some(count: int) -> None:
+                for _ in range(count):
+                    _, _, prepare = await sim.send_prepare(payer, payee, "1", CURRENCY, expiration_ms=4_000)
+                    prepares.append(prepare["transferId"])
+
+            sender = asyncio.get_running_loop().create_task(send_some(60))
+            await asyncio.sleep(0.15)
+            os.kill(victim, signal.SIGKILL)
+            await sender
+            outcomes = {}
+            for transfer_id in prepares:
+                callback = await wait_callback(sim, payer, transfer_id, timeout_s=20)
+                outcomes[transfer_id] = "3303" if callback.path.endswith("/error") else callback.body["transferState"]
+                if callback.path.endswith("/error"):
+                    assert callback.body["errorInformation"]["errorCode"] == "3303"
+            await asyncio.sleep(1.0)
+            committed = sum(1 for state in outcomes.values() if state == "COMMITTED")
+            assert committed > 0
+            # Exactly the committed transfers moved money: nothing lost, nothing applied twice.
+            assert position(hub, payer) == str(committed)
+            assert position(hub, payee) == str(-committed)
+            assert hub.call(_ping(hub.hub.handles[shard_id]))["pid"] != victim
+        finally:
+            await sim.stop()
+
+    run(scenario())
+
+
+async def _ping(handle):
+    for _ in range(100):
+        try:
+            return await handle.ping.remote()
+        except ray.exceptions.RayActorError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("shard did not come back")
