@@ -224,6 +224,8 @@ class ShardStore:
             )
             for row in reversed(finished):
                 desk.load(_transfer_from_row(row))
+            # All of this shard's transfers are known only if fewer than the window were finished.
+            desk.complete = len(finished) < window
 
     async def fetch_transfers(self, transfer_ids: list[str]) -> list[TransferRecord]:
         """Transfers the desk has forgotten (older than its window): duplicates must still be recognised."""

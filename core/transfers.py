@@ -107,6 +107,10 @@ class TransferDesk:
         self._recent: OrderedDict[str, tuple[TransferRecord, int]] = OrderedDict()  # finished: (record, seq)
         self._dirty: dict[str, TransferRecord] = {}
         self._new: set[str] = set()
+        # True while the desk has seen every transfer this shard ever had (nothing evicted from the
+        # window, everything loaded at start): then an unknown id is certainly new, and the actor
+        # need not ask Postgres about it.
+        self.complete = True
 
     # ------------------------------------------------------------------ recovery
 
@@ -279,6 +283,7 @@ class TransferDesk:
         self._recent[record.transfer_id] = (record, seq)
         if len(self._recent) > self.window:
             self._recent.popitem(last=False)
+            self.complete = False
 
     def _touch(self, record: TransferRecord, *, new: bool = False) -> None:
         self._dirty[record.transfer_id] = record

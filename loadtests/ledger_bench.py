@@ -143,7 +143,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--callers", type=int, default=8, help="concurrent callers")
+    parser.add_argument("--callers", type=int, default=32, help="concurrent callers (batches in flight)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--output", type=Path, default=RESULTS / "ledger_bench.json")
     arguments = parser.parse_args()

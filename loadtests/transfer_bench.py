@@ -127,7 +127,14 @@ async def main(args: argparse.Namespace) -> dict:
                 await onboard_dfsps(hub, sim, names, ndc="100000000", deposit="100000000")
                 pairs = [(names[2 * i], names[2 * i + 1]) for i in range(args.pairs)]
                 await _run_once(sim, pairs, args.users, args.warmup)
-                runs = [await _run_once(sim, pairs, args.users, args.duration) for _ in range(args.runs)]
+                runs = []
+                for _ in range(args.runs):
+                    run = await _run_once(sim, pairs, args.users, args.duration)
+                    shards = [(await hub.ledger.describe(s))["shard"] for s in sorted(hub.handles)]
+                    run["shards"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in state.items()
+                                      if k in ("shard_id", "flushes", "flush_p50_ms", "flush_p99_ms", "in_flight",
+                                               "queue_depth", "credits_pending")} for state in shards]
+                    runs.append(run)
                 await asyncio.sleep(1.0)
                 await assert_conserved(hub)
                 report["conserved"] = True

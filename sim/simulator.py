@@ -482,6 +482,8 @@ class Simulator:
             return _error_response(404, "3002", f"Unknown URI: no simulated DFSP {name!r}")
         sub_path = f"/{rest}"
         method = request.method
+        if method == "GET" and sub_path == "/_prepare":
+            return self._example_prepare(name, request)
         body = _parse_object(request.body)
         received = Received(name, method, sub_path, request.headers, body, time.monotonic())
         if self.record:
@@ -513,6 +515,20 @@ class Simulator:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return Response(202 if method in _WITH_ACCEPT else 200)
+
+    def _example_prepare(self, payer: str, request: Request) -> Response:
+        """``GET /{payer}/_prepare?payee=&amount=&currency=``: a valid prepare body, for curl users.
+
+        Only the simulator knows its payees' secrets, so it builds the ILP packet and condition;
+        the caller sends the body to the hub itself (README: "Send a transfer with curl").
+        """
+        query = request.query
+        try:
+            body = self.prepare_body(payer, query["payee"], query.get("amount", "1"), query.get("currency", "USD"),
+                                     expiration_ms=float(query.get("expiration_ms", 60_000)))
+        except (KeyError, ValueError) as error:
+            return _error_response(400, "3100", f"cannot build a prepare: {error}")
+        return Response(200, orjson.dumps(body), content_type="application/json")
 
     def _notify(self, received: Received) -> None:
         for dfsp, predicate, future in self._waiters:

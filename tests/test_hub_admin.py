@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from decimal import Decimal
 
 import pytest
 import ray
@@ -35,21 +36,21 @@ def test_onboard_fund_limit_and_read_positions(database_url):
             assert {a["ledgerAccountType"] for a in body["accounts"]} == {"POSITION", "SETTLEMENT"}
 
             status, body = await admin(hub, "GET", "/participants/payerfsp/positions?currency=XTS")
-            assert status == 200 and body["currency"] == "XTS" and body["value"] == "0"
+            assert status == 200 and body["currency"] == "XTS" and body["value"] == 0
             status, listed = await admin(hub, "GET", "/participants/payerfsp/accounts")
             settlement = next(a for a in listed if a["ledgerAccountType"] == "SETTLEMENT")
-            assert settlement["value"] == "-10000" and settlement["isActive"] == 1
+            assert settlement["value"] == -10000 and settlement["isActive"] == 1
 
             status, limits = await admin(hub, "GET", "/participants/payerfsp/limits")
             assert status == 200
-            assert limits == [{"currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": "5000",
+            assert limits == [{"currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": 5000,
                                                              "alarmPercentage": 10}}]
             status, body = await admin(hub, "PUT", "/participants/payerfsp/limits", {
                 "currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": "7500.25", "alarmPercentage": 20}})
-            assert status == 200 and body["limit"]["value"] == "7500.25"
+            assert status == 200 and body["limit"]["value"] == Decimal("7500.25")
             status, limits = await admin(hub, "GET", "/participants/limits")
             assert {(entry["name"], entry["limit"]["value"]) for entry in limits} == {
-                ("payerfsp", "7500.25"), ("payeefsp", "5000")}
+                ("payerfsp", Decimal("7500.25")), ("payeefsp", 5000)}
 
             # Setting the initial limits twice is refused.
             status, body = await admin(hub, "POST", "/participants/payerfsp/initialPositionAndLimits", {
@@ -70,7 +71,7 @@ def test_onboard_fund_limit_and_read_positions(database_url):
             assert status == 202, body
             status, listed = await admin(hub, "GET", "/participants/payeefsp/accounts")
             settlement = next(a for a in listed if a["ledgerAccountType"] == "SETTLEMENT")
-            assert settlement["value"] == "-7499.5"
+            assert settlement["value"] == Decimal("-7499.5")
             status, body = await admin(hub, "POST", f"/participants/payeefsp/accounts/{settlement_id}", {
                 "transferId": str(uuid.uuid4()), "externalReference": "w2", "action": "recordFundsOutPrepareReserve",
                 "reason": "too much", "amount": {"amount": "7499.6", "currency": "XTS"}})

@@ -267,3 +267,50 @@ def test_crash_between_checkpoints_replays_the_journal_tail(database_url):
             await cluster.stop()
 
     uvloop.run(scenario())
+
+
+def test_forgotten_transfers_are_still_duplicates(database_url):
+    """Beyond the desk's window (or after a restart), Postgres answers whether an id was used."""
+    async def scenario():
+        ids = await _seed(database_url)
+        cluster = Cluster(database_url)
+        cluster.settings = ShardSettings(dsn=database_url, credit_retry_ms=20, expiry_tick_ms=10, dedupe_window=3)
+        for shard_id in (0, 1):
+            await cluster.shards[shard_id].stop()
+            cluster.restart(shard_id)
+        try:
+            await cluster.run(0, _reserve(str(uuid.uuid4()), ids["Hub.HUB_RECONCILIATION"], ids["payer.SETTLEMENT"],
+                                          "1000", check=pb.CHECK_NONE, commit_now=True))
+            await cluster.run(0, pb.Command(set_net_debit_cap=pb.SetNetDebitCap(
+                account_id=ids["payer.POSITION"], cap_minor=str(parse_amount("1000")))))
+            expires = cluster.shards[0]._clock_ms() + 60_000
+
+            def prepare(transfer_id: str, amount: str, hash_: str) -> pb.Command:
+                return pb.Command(prepare_transfer=pb.PrepareTransfer(
+                    transfer_id=transfer_id, payer="payer", payee="payee", currency="XTS",
+                    amount_minor=str(parse_amount(amount)), condition="c" * 43, expires_at_ms=expires,
+                    prepare_hash=hash_, payer_account_id=ids["payer.POSITION"],
+                    payee_account_id=ids["payee.POSITION"], version="1.1"))
+
+            first = str(uuid.uuid4())
+            reply = await cluster.run(0, prepare(first, "1", "h1"))
+            assert reply.results[0].outcome == "RESERVED"
+            await cluster.run(0, pb.Command(reject_transfer=pb.RejectTransfer(
+                transfer_id=first, source="payee", error_code=5104, description="no")))
+            assert cluster.shards[0].desk.complete
+            for _ in range(4):  # push the first transfer out of the 3-transfer window
+                t = str(uuid.uuid4())
+                await cluster.run(0, prepare(t, "1", t))
+                await cluster.run(0, pb.Command(reject_transfer=pb.RejectTransfer(
+                    transfer_id=t, source="payee", error_code=5104, description="no")))
+            assert not cluster.shards[0].desk.complete
+            assert not cluster.shards[0].desk.knows(first)
+            reply = await cluster.run(0, prepare(first, "1", "h1"))
+            assert (reply.results[0].outcome, reply.results[0].state) == ("RESEND", "ABORTED")
+            reply = await cluster.run(0, prepare(first, "2", "h2"))
+            assert (reply.results[0].outcome, reply.results[0].error_code) == ("MODIFIED", 3106)
+            await _assert_conserved(database_url, cluster)
+        finally:
+            await cluster.stop()
+
+    uvloop.run(scenario())

@@ -81,7 +81,7 @@ def onboard(
 def position(hub: HubThread, name: str) -> str:
     status, body = hub.admin("GET", f"/participants/{name}/positions?currency={CURRENCY}")
     assert status == 200, body
-    return body["value"]
+    return str(body["value"])  # a JSON number, parsed exactly (Decimal), never float
 
 
 def pair(prefix: str = "fsp") -> tuple[str, str]:
