@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 
 import asyncpg
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from api.http import Request, Response
 from cluster.ledger_client import LedgerClient, ShardUnavailable
@@ -33,6 +34,22 @@ CURRENCY_PATTERN = re.compile(r"^[A-Z]{3}$")
 UUID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[1-7][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 ENDPOINT_TYPE_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{2,63}$")
 HUB_ACCOUNT_TYPES = (AccountType.HUB_RECONCILIATION, AccountType.HUB_MULTILATERAL_SETTLEMENT)
+# Settlement models (RULES.md section 15): Joi `alphanum().min(2).max(30)` in central-ledger.
+SETTLEMENT_MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9]{2,30}$")
+SETTLEMENT_GRANULARITIES = ("GROSS", "NET")
+SETTLEMENT_INTERCHANGES = ("BILATERAL", "MULTILATERAL")
+SETTLEMENT_DELAYS = ("IMMEDIATE", "DEFERRED")
+# (delay, granularity, interchange): central-services-shared `ValidSettlementModels`.
+VALID_SETTLEMENT_MODELS = frozenset({
+    ("IMMEDIATE", "GROSS", "BILATERAL"),
+    ("DEFERRED", "GROSS", "BILATERAL"),
+    ("DEFERRED", "NET", "BILATERAL"),
+    ("DEFERRED", "NET", "MULTILATERAL"),
+})
+_SETTLEMENT_MODEL_COLUMNS = (
+    "settlement_model_id, name, is_active, settlement_granularity, settlement_interchange, settlement_delay,"
+    " currency, require_liquidity_check, ledger_account_type, settlement_account_type, auto_position_reset"
+)
 _JSON = "application/json"
 
 
@@ -48,6 +65,11 @@ class AdminError(Exception):
 
 def _json(status: int, payload) -> Response:
     return Response(status, orjson.dumps(payload), content_type=_JSON)
+
+
+def _number(text: str):
+    """An exact decimal as a JSON number (central-ledger returns numbers; never via float)."""
+    return orjson.Fragment(text.encode()) if text else None
 
 
 def _now_iso() -> str:
@@ -79,6 +101,13 @@ def _require(body: dict, key: str, kind=str):
         raise AdminError(3101, f"{key} must be a boolean")
     if kind is dict and not isinstance(value, dict):
         raise AdminError(3101, f"{key} must be an object")
+    return value
+
+
+def _choice(body: dict, key: str, allowed: tuple[str, ...]) -> str:
+    value = _require(body, key)
+    if value not in allowed:
+        raise AdminError(3101, f"{key} must be one of {', '.join(allowed)}")
     return value
 
 
@@ -136,6 +165,11 @@ class AdminApi:
             ("GET", ("state", "shards"), self.state_shards),
             ("GET", ("state", "shards", None), self.state_shard),
             ("GET", ("state", "conservation"), self.state_conservation),
+            ("GET", ("settlementModels",), self.list_settlement_models),
+            ("POST", ("settlementModels",), self.create_settlement_model),
+            ("GET", ("settlementModels", None), self.get_settlement_model),
+            ("PUT", ("settlementModels", None), self.update_settlement_model),
+            ("GET", ("metrics",), self.metrics),
         ]
 
     async def handle(self, request: Request) -> Response:
@@ -228,6 +262,10 @@ class AdminApi:
             {"status": status, "services": [{"name": "datastore", "status": database},
                                             {"name": "positionShards", "status": shards}]},
         )
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus exposition of this process's registry (central-ledger's `GET /metrics`)."""
+        return Response(200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
 
     async def ledger_account_types(self, request: Request) -> Response:
         rows = await self.pool.fetch(
@@ -384,7 +422,7 @@ class AdminApi:
             alarm = account["alarm_percentage"]
             out.append({
                 "currency": account["currency"].strip(),
-                "limit": {"type": "NET_DEBIT_CAP", "value": cap,
+                "limit": {"type": "NET_DEBIT_CAP", "value": _number(cap),
                           "alarmPercentage": int(alarm) if alarm is not None and alarm == int(alarm)
                           else (str(alarm) if alarm is not None else 10)},
             })
@@ -434,7 +472,7 @@ class AdminApi:
                 "UPDATE account SET alarm_percentage = $2 WHERE account_id = $1", position["account_id"], Decimal(alarm)
             )
         return _json(200, {"currency": currency, "limit": {
-            "type": "NET_DEBIT_CAP", "value": format_amount(cap_minor),
+            "type": "NET_DEBIT_CAP", "value": _number(format_amount(cap_minor)),
             "alarmPercentage": alarm if alarm is not None else 10}})
 
     async def get_positions(self, request: Request, name: str) -> Response:
@@ -442,7 +480,7 @@ class AdminApi:
         currency = request.query.get("currency")
         changed = _now_iso()
         positions = [
-            {"currency": a["currency"], "value": a["value"], "reservedValue": a["reserved_value"],
+            {"currency": a["currency"], "value": _number(a["value"]), "reservedValue": _number(a["reserved_value"]),
              "changedDate": changed}
             for a in (await self._live(participant))["accounts"]
             if a["ledger_account_type"] == AccountType.POSITION and (currency is None or a["currency"] == currency)
@@ -458,8 +496,9 @@ class AdminApi:
         changed = _now_iso()
         return _json(200, [
             {"id": a["account_id"], "ledgerAccountType": a["ledger_account_type"], "currency": a["currency"],
-             "isActive": 1 if a["is_active"] else 0, "value": a["value"], "reservedValue": a["reserved_value"],
-             "netDebitCap": a["net_debit_cap"] or None, "inFlight": a["in_flight"], "changedDate": changed}
+             "isActive": 1 if a["is_active"] else 0, "value": _number(a["value"]),
+             "reservedValue": _number(a["reserved_value"]), "netDebitCap": _number(a["net_debit_cap"]),
+             "inFlight": a["in_flight"], "changedDate": changed}
             for a in (await self._live(participant))["accounts"]
         ])
 
@@ -622,6 +661,103 @@ class AdminApi:
             participant["participant_id"], endpoint_type, value,
         )
         return Response(201)
+
+    # ------------------------------------------------------------------ settlement models
+
+    @staticmethod
+    def _settlement_model_json(row: asyncpg.Record) -> dict:
+        # central-ledger's `entityItem` (src/api/settlementModels/handler.js): booleans as JSON booleans,
+        # the ledger account type's *name* under `ledgerAccountTypeId`. `ledgerAccountType` and
+        # `settlementAccountType` are additions (central-ledger does not return the settlement account type).
+        return {
+            "settlementModelId": row["settlement_model_id"],
+            "name": row["name"],
+            "isActive": row["is_active"],
+            "settlementGranularity": row["settlement_granularity"],
+            "settlementInterchange": row["settlement_interchange"],
+            "settlementDelay": row["settlement_delay"],
+            "currency": row["currency"].strip() if row["currency"] is not None else None,
+            "requireLiquidityCheck": row["require_liquidity_check"],
+            "ledgerAccountTypeId": row["ledger_account_type"],
+            "ledgerAccountType": row["ledger_account_type"],
+            "settlementAccountType": row["settlement_account_type"],
+            "autoPositionReset": row["auto_position_reset"],
+        }
+
+    async def _settlement_model(self, name: str) -> asyncpg.Record:
+        row = await self.pool.fetchrow(
+            f"SELECT {_SETTLEMENT_MODEL_COLUMNS} FROM settlement_model WHERE name = $1", name
+        )
+        if row is None:
+            raise AdminError(3200, f"settlement model {name} not found", status=404)
+        return row
+
+    async def list_settlement_models(self, request: Request) -> Response:
+        rows = await self.pool.fetch(
+            f"SELECT {_SETTLEMENT_MODEL_COLUMNS} FROM settlement_model ORDER BY settlement_model_id"
+        )
+        return _json(200, [self._settlement_model_json(r) for r in rows])
+
+    async def get_settlement_model(self, request: Request, name: str) -> Response:
+        return _json(200, self._settlement_model_json(await self._settlement_model(name)))
+
+    async def create_settlement_model(self, request: Request) -> Response:
+        """Checks in central-ledger's order: schema (3101/3102), combination (3000), account types (3003),
+        name taken (3000); a second model for the same (currency, ledger account type) is 3003."""
+        body = _parse_body(request)
+        name = _require(body, "name")
+        if not SETTLEMENT_MODEL_NAME_PATTERN.match(name):
+            raise AdminError(3101, "name must be 2 to 30 letters or digits")
+        granularity = _choice(body, "settlementGranularity", SETTLEMENT_GRANULARITIES)
+        interchange = _choice(body, "settlementInterchange", SETTLEMENT_INTERCHANGES)
+        delay = _choice(body, "settlementDelay", SETTLEMENT_DELAYS)
+        # Optional: no currency (or null) is the default model for every currency.
+        currency = body.get("currency")
+        if currency is not None:
+            currency = _currency(currency)
+        require_liquidity_check = _require(body, "requireLiquidityCheck", bool)
+        ledger_account_type = _require(body, "ledgerAccountType")
+        auto_position_reset = _require(body, "autoPositionReset", bool)
+        settlement_account_type = _require(body, "settlementAccountType")
+        if (delay, granularity, interchange) not in VALID_SETTLEMENT_MODELS:
+            raise AdminError(3000, "Invalid settlement model definition - delay-granularity-interchange"
+                                   " combination is not supported")
+        async with self.pool.acquire() as connection, connection.transaction():
+            known = {r["name"] for r in await connection.fetch(
+                "SELECT name FROM ledger_account_type WHERE name = ANY($1::text[])",
+                [ledger_account_type, settlement_account_type],
+            )}
+            if ledger_account_type not in known:
+                raise AdminError(3003, "Ledger account type was not found")
+            if settlement_account_type not in known:
+                raise AdminError(3003, "Settlement account type was not found")
+            if await connection.fetchval("SELECT 1 FROM settlement_model WHERE name = $1", name):
+                raise AdminError(3000, "Settlement Model already exists")
+            try:
+                await connection.execute(
+                    "INSERT INTO settlement_model (name, settlement_granularity, settlement_interchange,"
+                    " settlement_delay, currency, require_liquidity_check, ledger_account_type,"
+                    " settlement_account_type, auto_position_reset) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    name, granularity, interchange, delay, currency, require_liquidity_check, ledger_account_type,
+                    settlement_account_type, auto_position_reset,
+                )
+            except asyncpg.UniqueViolationError as error:
+                if error.constraint_name == "settlement_model_name_key":  # a concurrent create of the same name
+                    raise AdminError(3000, "Settlement Model already exists") from None
+                raise AdminError(3003, f"a settlement model for {currency or 'the default currency'} and"
+                                       f" {ledger_account_type} already exists") from None
+        return Response(201)
+
+    async def update_settlement_model(self, request: Request, name: str) -> Response:
+        body = _parse_body(request)
+        is_active = _require(body, "isActive", bool)
+        row = await self.pool.fetchrow(
+            f"UPDATE settlement_model SET is_active = $2 WHERE name = $1 RETURNING {_SETTLEMENT_MODEL_COLUMNS}",
+            name, is_active,
+        )
+        if row is None:
+            raise AdminError(3200, f"settlement model {name} not found", status=404)
+        return _json(200, self._settlement_model_json(row))
 
     # ------------------------------------------------------------------ ops views (same service as `rayloop state`)
 

@@ -172,17 +172,30 @@ class EndpointDirectory:
         return template.expand(path, params)
 
     async def resolve(
-        self, fsp: str, endpoint_type: str, /, *, path: str | None = None, **params: object
+        self, fsp: str, endpoint_type: str, /, *, path: str | None = None, since: float | None = None,
+        **params: object,
     ) -> str | None:
-        """Like ``url``, but on a miss waits for a reload (unless one ran very recently) and looks again."""
+        """Like ``url``, but on a miss waits for a reload and looks again.
+
+        Without ``since``, at most one reload per ``reload_min_interval_ms`` (a storm of misses for a
+        DFSP with no endpoints costs nothing). With ``since`` (loop time), the cache is made to have
+        been loaded after it: an endpoint registered before the caller's request is found even if a
+        reload was running, or had just run, when it was registered; concurrent callers share one
+        query.
+        """
         template = self._endpoints.get(fsp, {}).get(endpoint_type)
-        if template is None:
+        if template is None and since is None:
             if not self._may_reload():
                 return None
-            try:
-                await self.reload()
-            except Exception:
-                return None  # logged by _reload_done; the answer is still "no endpoint known"
+            since = asyncio.get_running_loop().time()
+        if template is None:
+            for _ in range(2):  # twice when the reload we joined had started before ``since``
+                if self._last_reload_at >= since:  # started at or after it (the clock ticks in ms)
+                    break
+                try:
+                    await self.reload()
+                except Exception:
+                    return None  # logged by _reload_done; the answer is still "no endpoint known"
             template = self._endpoints.get(fsp, {}).get(endpoint_type)
             if template is None:
                 return None

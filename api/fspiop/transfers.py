@@ -22,6 +22,7 @@ Callback rules (RULES.md sections 5 and 6, Mojaloop-compatible):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
@@ -108,7 +109,9 @@ class TransferNotifier:
         self, fsp: str, endpoint_type: str, transfer_id: str, method: str, headers, body: bytes, kind: str
     ) -> bool:
         # resolve(): a DFSP whose endpoints were registered a moment ago is found after one reload.
-        url = await self.endpoints.resolve(fsp, endpoint_type, transferId=transfer_id)
+        url = await self.endpoints.resolve(
+            fsp, endpoint_type, transferId=transfer_id, since=asyncio.get_running_loop().time()
+        )
         if url is None:
             log.warning("no %s endpoint for %s: %s callback for %s not sent", endpoint_type, fsp, kind, transfer_id)
             return False
