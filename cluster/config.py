@@ -42,7 +42,10 @@ class HubConfig:
     callback_retries: int = 2
     callback_queue_max: int = 10_000  # per destination DFSP and ingress process
     actor_call_timeout_ms: int = 30_000  # one Ray call to a shard, durability wait included
-    actor_call_retries: int = 3  # retries of a call whose outcome is unknown (actor died)
+    shard_ping_interval_ms: int = 1_000  # the hub's watchdog: restarted shards resume at once
+    # Retries of a call whose outcome is unknown (the actor died): 12 with backoff capped at 1 s span
+    # about 10 s, longer than a shard takes to restart and rebuild.
+    actor_call_retries: int = 12
     shard: ShardSettings = field(default_factory=lambda: ShardSettings(dsn=""))
 
     @classmethod
@@ -75,7 +78,8 @@ class HubConfig:
             callback_retries=_env_int("RAYLOOP_CALLBACK_RETRIES", 2),
             callback_queue_max=_env_int("RAYLOOP_CALLBACK_QUEUE_MAX", 10_000),
             actor_call_timeout_ms=_env_int("RAYLOOP_ACTOR_CALL_TIMEOUT_MS", 30_000),
-            actor_call_retries=_env_int("RAYLOOP_ACTOR_CALL_RETRIES", 3),
+            shard_ping_interval_ms=_env_int("RAYLOOP_SHARD_PING_INTERVAL_MS", 1_000),
+            actor_call_retries=_env_int("RAYLOOP_ACTOR_CALL_RETRIES", 12),
             shard=ShardSettings(dsn="", **shard_values),
         )
         values.update(overrides)

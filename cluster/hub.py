@@ -39,6 +39,7 @@ class Hub:
         self._started_ray = False
         self.handles: dict[int, object] = {}
         self.ingress: list = []
+        self._watchdog: asyncio.Task | None = None
         self.fspiop_port = 0
 
     @property
@@ -70,6 +71,7 @@ class Hub:
             self.handles, call_timeout_ms=config.actor_call_timeout_ms, retries=config.actor_call_retries
         )
         await self._start_ingress(settings)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_shards(), name="shard-watchdog")
         ops = OpsService(self.pool, self.ledger)
         self.ops_server, self.ops_port = await start_ops_server(ops, config.ops_grpc_host, config.ops_grpc_port)
         admin = AdminApi(self.pool, self.ledger, hub_name=config.hub_name, shard_count=config.shard_count, ops=ops)
@@ -80,6 +82,17 @@ class Hub:
             config.fspiop_host, self.fspiop_port, config.ingress_workers, config.admin_host, self.admin_server.port,
             config.ops_grpc_host, self.ops_port, config.shard_count,
         )
+
+    async def _watch_shards(self) -> None:
+        """Ping every shard each second. A shard Ray restarted rebuilds itself on its first call, and
+        its expiry timers only run once it has: the ping makes sure that happens without traffic."""
+        while True:
+            await asyncio.sleep(self.config.shard_ping_interval_ms / 1000)
+            for shard_id, handle in list(self.handles.items()):
+                try:
+                    await asyncio.wait_for(_await(handle.ping.remote()), self.config.actor_call_timeout_ms / 1000)
+                except (ray.exceptions.RayActorError, TimeoutError) as error:
+                    log.warning("shard %s not answering: %r", shard_id, error)
 
     async def _start_ingress(self, settings) -> None:
         """FSPIOP ingress workers: Ray actors, each a process with its own uvloop HTTP server."""
@@ -136,6 +149,9 @@ class Hub:
             )
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         if self.admin_server is not None:
             await self.admin_server.stop()
         if self.ops_server is not None:

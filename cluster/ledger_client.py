@@ -46,7 +46,7 @@ class LedgerClient:
                 if attempt == self.retries:
                     raise ShardUnavailable(f"shard {shard_id} unavailable: {error!r}") from error
                 await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 4, 2.0)
+                delay_s = min(delay_s * 4, 1.0)
         raise AssertionError("unreachable")
 
     async def describe(self, shard_id: int, participant: str | None = None) -> dict:

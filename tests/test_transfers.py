@@ -580,7 +580,13 @@ def test_payer_shard_killed_mid_stream_loses_nothing(hub):
             await sender
             outcomes = {}
             for transfer_id in prepares:
-                callback = await wait_callback(sim, payer, transfer_id, timeout_s=20)
+                try:
+                    callback = await wait_callback(sim, payer, transfer_id, timeout_s=20)
+                except TimeoutError:
+                    rows = hub.call(_transfer_rows(hub.hub, transfer_id))
+                    seen = [(r.dfsp, r.method, r.path) for r in sim.received(None) if transfer_id in r.path
+                            or r.body.get("transferId") == transfer_id]
+                    raise AssertionError(f"{transfer_id}: no final callback; db={rows} seen={seen}") from None
                 outcomes[transfer_id] = "3303" if callback.path.endswith("/error") else callback.body["transferState"]
                 if callback.path.endswith("/error"):
                     assert callback.body["errorInformation"]["errorCode"] == "3303"
@@ -595,6 +601,18 @@ def test_payer_shard_killed_mid_stream_loses_nothing(hub):
             await sim.stop()
 
     run(scenario())
+
+
+async def _transfer_rows(hub, transfer_id):
+    import asyncpg
+
+    connection = await asyncpg.connect(hub.database_url)
+    try:
+        transfer = await connection.fetch("SELECT state, error_code FROM transfer WHERE transfer_id = $1", transfer_id)
+        journal = await connection.fetch("SELECT shard_id, seq, kind FROM journal WHERE transfer_id = $1", transfer_id)
+        return [dict(r) for r in transfer], [dict(r) for r in journal]
+    finally:
+        await connection.close()
 
 
 async def _ping(handle):

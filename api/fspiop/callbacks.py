@@ -241,7 +241,8 @@ class EndpointDirectory:
         self._start_reload()
 
     def _start_reload(self) -> asyncio.Task[None]:
-        if self._reloading is None:
+        # A finished task whose done-callback has not run yet counts as none: never join a past load.
+        if self._reloading is None or self._reloading.done():
             loop = asyncio.get_running_loop()
             self._last_reload_at = loop.time()
             self._reloading = loop.create_task(self._load(), name="endpoint-reload")

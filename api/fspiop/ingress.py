@@ -183,7 +183,7 @@ class IngressWorker:
             for shard_id in range(s["shard_count"])
         }
         ledger = LedgerClient(handles, call_timeout_ms=s.get("actor_call_timeout_ms", 30_000),
-                              retries=s.get("actor_call_retries", 3))
+                              retries=s.get("actor_call_retries", 12))
         batchers = {
             shard_id: ShardBatcher(ledger, shard_id, batch_max=s.get("batch_max", 256),
                                    max_in_flight=s.get("batch_in_flight", 4), queue_max=s.get("queue_max", 20_000))
