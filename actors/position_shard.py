@@ -133,7 +133,11 @@ class PositionShard:
         self._changed = asyncio.Event()
         self._flushed = asyncio.Event()
         self._pool = await asyncpg.create_pool(
-            self.settings.dsn, min_size=1, max_size=self.settings.pool_size, command_timeout=60
+            self.settings.dsn, min_size=1, max_size=self.settings.pool_size, command_timeout=60,
+            # asyncpg prepares every statement; after five runs Postgres may switch to a generic plan
+            # chosen when the tables were small (a hash join over all of `transfer`), whose cost then
+            # grows with the table. Custom plans see the real sizes: index lookups, flat flush times.
+            server_settings={"plan_cache_mode": "force_custom_plan"},
         )
         self._store = ShardStore(self._pool, self.shard_id)
         self.book = await self._store.load(dedupe_window=self.settings.dedupe_window)
@@ -184,25 +188,31 @@ class PositionShard:
         await self.start()
         batch = pb.CommandBatch.FromString(payload)
         await self._admit()
+        commands = batch.commands
+        ops = [command.WhichOneof("op") for command in commands]  # one pass, reused below
         # Prefetch phase: I/O happens before the apply loop, never between a check and its update.
-        loads = [c.load_account.account_id for c in batch.commands if c.HasField("load_account")]
+        loads = [c.load_account.account_id for c, op in zip(commands, ops, strict=True) if op == "load_account"]
         loaded = await self._fetch_accounts(loads) if loads else {}
-        await self._prefetch_transfers(batch)
+        if not self.desk.complete:
+            await self._prefetch_transfers(commands, ops)
         book = self.book
         now_ms = self._clock_ms()
         reply = pb.BatchResult()
+        results = reply.results
         credits: list[Credit] = []
         max_seq = 0
-        for command in batch.commands:
-            result = self._apply(book, command, now_ms, loaded)
+        for command, op in zip(commands, ops, strict=True):
+            result = self._apply(book, command, op, now_ms, loaded)
             if result.credit is not None:
                 credits.append(result.credit)
             if result.seq > max_seq:
                 max_seq = result.seq
             if isinstance(result, Decision):
                 _add_decision(reply, result)
+            elif result.state is None:
+                results.add(outcome=result.outcome, seq=result.seq)
             else:
-                reply.results.add(outcome=result.outcome, seq=result.seq, state=result.state or "")
+                results.add(outcome=result.outcome, seq=result.seq, state=result.state)
         if max_seq:
             self._changed.set()
         if batch.wait_durable:
@@ -215,8 +225,7 @@ class PositionShard:
         reply.durable_seq = self._durable_seq
         return reply.SerializeToString()
 
-    def _apply(self, book: PositionBook, command: pb.Command, now_ms: int, loaded: dict) -> Result:
-        op = command.WhichOneof("op")
+    def _apply(self, book: PositionBook, command: pb.Command, op: str, now_ms: int, loaded: dict) -> Result:
         if op == "reserve":
             r = command.reserve
             result = book.reserve(
@@ -278,13 +287,13 @@ class PositionShard:
             return Result(Outcome.OK)
         raise InvariantViolation(f"unknown command {op!r}")
 
-    async def _prefetch_transfers(self, batch: pb.CommandBatch) -> None:
-        """Transfers older than the desk's window come back from Postgres before the apply loop."""
-        if self.desk.complete:
-            return  # the desk has seen every transfer of this shard: an unknown id is new
+    async def _prefetch_transfers(self, commands, ops: list[str]) -> None:
+        """Transfers older than the desk's window come back from Postgres before the apply loop.
+
+        Skipped while the desk has seen every transfer of this shard (an unknown id is then new).
+        """
         wanted = []
-        for command in batch.commands:
-            op = command.WhichOneof("op")
+        for command, op in zip(commands, ops, strict=True):
             if op in ("prepare_transfer", "fulfil_transfer", "reject_transfer", "get_transfer"):
                 transfer_id = getattr(command, op).transfer_id
                 if not self.desk.knows(transfer_id):

@@ -143,7 +143,7 @@ class Credit:
     currency: str
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses construct several times slower, and this is per change
 class JournalEntry:
     seq: int
     kind: JournalKind

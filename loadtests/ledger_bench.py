@@ -97,7 +97,8 @@ async def main(args: argparse.Namespace) -> dict:
     bench_url = url.rsplit("/", 1)[0] + f"/{name}"
     results: dict = {"machine": f"{platform.node()} {os.cpu_count()} cores {platform.machine()}",
                      "command": "python loadtests/ledger_bench.py " + " ".join(
-                         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+                         f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                         for k, v in vars(args).items() if k != "output"),
                      "shards": args.shards, "callers": args.callers, "duration_s": args.duration, "batches": {}}
     import ray
 

@@ -30,6 +30,37 @@ from cluster.testing import assert_conserved, onboard_dfsps, running_hub
 from sim.simulator import Simulator
 
 RESULTS = Path(__file__).with_name("results")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_component() -> dict[str, float]:
+    """CPU seconds used so far by each kind of process on this machine (from /proc)."""
+    totals: dict[str, float] = {}
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / _TICKS
+        if int(entry) == me:
+            name = "driver+simulator"
+        elif "IngressWorker" in cmdline:
+            name = "ingress"
+        elif "PositionShard" in cmdline:
+            name = "shards"
+        elif cmdline.startswith("postgres") or "/postgres" in cmdline.split(" ")[0]:
+            name = "postgres"
+        elif "raylet" in cmdline or "gcs_server" in cmdline or "ray/" in cmdline:
+            name = "ray-system"
+        else:
+            continue
+        totals[name] = totals.get(name, 0.0) + cpu
+    return totals
 CURRENCY = "XTS"
 
 
@@ -129,7 +160,13 @@ async def main(args: argparse.Namespace) -> dict:
                 await _run_once(sim, pairs, args.users, args.warmup)
                 runs = []
                 for _ in range(args.runs):
+                    before = _cpu_by_component()
                     run = await _run_once(sim, pairs, args.users, args.duration)
+                    after = _cpu_by_component()
+                    run["cpu_ms_per_transfer"] = {
+                        k: round(1000 * (after[k] - before.get(k, 0.0)) / max(1, run["transfers"]), 3)
+                        for k in sorted(after)
+                    }
                     shards = [(await hub.ledger.describe(s))["shard"] for s in sorted(hub.handles)]
                     run["shards"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in state.items()
                                       if k in ("shard_id", "flushes", "flush_p50_ms", "flush_p99_ms", "in_flight",
