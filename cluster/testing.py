@@ -161,3 +161,34 @@ async def onboard_dfsps(hub: Hub, sim, names: list[str], currency: str = "XTS", 
             status, body = await admin(hub, "POST", f"/participants/{name}/endpoints",
                                        {"type": endpoint_type, "value": value})
             assert status == 201, body
+
+
+@asynccontextmanager
+async def bench_environment(*, ray_logs: bool = False):
+    """A fresh database (on RAYLOOP_DATABASE_URL's server, or an embedded one) and a private local
+    Ray, for a benchmark; yields the database URL and removes everything afterwards."""
+    import os
+
+    import ray
+
+    url = os.environ.get("RAYLOOP_DATABASE_URL")
+    embedded = None
+    if not url:
+        from cluster.postgres import EmbeddedPostgres
+
+        embedded = EmbeddedPostgres(Path(".rayloop/bench-pgdata").resolve())
+        url = await asyncio.to_thread(embedded.start)
+    # A fresh database, so results do not depend on earlier runs.
+    name = f"rayloop_bench_{uuid.uuid4().hex[:8]}"
+    connection = await asyncpg.connect(url)
+    await connection.execute(f"CREATE DATABASE {name}")
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+             log_to_driver=ray_logs)
+    try:
+        yield url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        ray.shutdown()
+        await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await connection.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)

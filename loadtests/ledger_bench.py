@@ -25,7 +25,7 @@ from pathlib import Path
 import asyncpg
 import uvloop
 
-from cluster.testing import onboard, running_hub
+from cluster.testing import bench_environment, onboard, running_hub
 from core.ledger import Outcome
 from core.money import parse_amount
 from protos import ledger_pb2 as pb
@@ -83,61 +83,38 @@ async def _run_one(hub, pairs: list[tuple[int, int, int]], batch_size: int, dura
 
 
 async def main(args: argparse.Namespace) -> dict:
-    url = os.environ.get("RAYLOOP_DATABASE_URL")
-    embedded = None
-    if not url:
-        from cluster.postgres import EmbeddedPostgres
-
-        embedded = EmbeddedPostgres(Path(".rayloop/bench-pgdata").resolve())
-        url = embedded.start()
-    # A fresh database for the benchmark, so results do not depend on earlier runs.
-    name = f"rayloop_bench_{uuid.uuid4().hex[:8]}"
-    admin_connection = await asyncpg.connect(url)
-    await admin_connection.execute(f"CREATE DATABASE {name}")
-    bench_url = url.rsplit("/", 1)[0] + f"/{name}"
     results: dict = {"machine": f"{platform.node()} {os.cpu_count()} cores {platform.machine()}",
                      "command": "python loadtests/ledger_bench.py " + " ".join(
                          f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
                          for k, v in vars(args).items() if k != "output"),
                      "shards": args.shards, "callers": args.callers, "duration_s": args.duration, "batches": {}}
-    import ray
-
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
-    try:
-        async with running_hub(bench_url, shards=args.shards) as hub:
-            names = [f"dfsp{i}" for i in range(2 * args.shards)]
-            accounts = await onboard(hub, names, ndc="1000000000", deposit="1000000000")
-            connection = await asyncpg.connect(bench_url)
-            shard_of = dict(await connection.fetch("SELECT name, shard_id FROM participant"))
-            await connection.close()
-            # Pair each payer with a payee on another shard: every commit crosses actors.
-            pairs = []
-            for payer in names:
-                payee = next(n for n in names if shard_of[n] != shard_of[payer]) if args.shards > 1 else \
-                    next(n for n in names if n != payer)
-                pairs.append((shard_of[payer], accounts[payer]["POSITION"]["id"], accounts[payee]["POSITION"]["id"]))
-            for batch_size in args.batch_sizes:
-                await _run_one(hub, pairs, batch_size, min(2.0, args.duration), args.callers)  # warm-up
-                runs = [await _run_one(hub, pairs, batch_size, args.duration, args.callers) for _ in range(args.runs)]
-                results["batches"][str(batch_size)] = {
-                    "runs": runs,
-                    "median_pairs_per_s": statistics.median(r["pairs_per_s"] for r in runs),
-                }
-                print(f"batch {batch_size}: median {results['batches'][str(batch_size)]['median_pairs_per_s']}"
-                      f" pairs/s ({[r['pairs_per_s'] for r in runs]})", flush=True)
-            pids = [(await h.ping.remote())["pid"] for h in hub.handles.values()]
-            results["peak_rss_mb"] = {
-                "driver": round(_peak_rss_mb(os.getpid()), 1),
-                "shard_actors": [round(_peak_rss_mb(p), 1) for p in pids],
+    async with bench_environment() as bench_url, running_hub(bench_url, shards=args.shards) as hub:
+        names = [f"dfsp{i}" for i in range(2 * args.shards)]
+        accounts = await onboard(hub, names, ndc="1000000000", deposit="1000000000")
+        connection = await asyncpg.connect(bench_url)
+        shard_of = dict(await connection.fetch("SELECT name, shard_id FROM participant"))
+        await connection.close()
+        # Pair each payer with a payee on another shard: every commit crosses actors.
+        pairs = []
+        for payer in names:
+            payee = next(n for n in names if shard_of[n] != shard_of[payer]) if args.shards > 1 else \
+                next(n for n in names if n != payer)
+            pairs.append((shard_of[payer], accounts[payer]["POSITION"]["id"], accounts[payee]["POSITION"]["id"]))
+        for batch_size in args.batch_sizes:
+            await _run_one(hub, pairs, batch_size, min(2.0, args.duration), args.callers)  # warm-up
+            runs = [await _run_one(hub, pairs, batch_size, args.duration, args.callers) for _ in range(args.runs)]
+            results["batches"][str(batch_size)] = {
+                "runs": runs,
+                "median_pairs_per_s": statistics.median(r["pairs_per_s"] for r in runs),
             }
-    finally:
-        ray.shutdown()
-        await admin_connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin_connection.close()
-        if embedded is not None:
-            embedded.stop()
+            print(f"batch {batch_size}: median {results['batches'][str(batch_size)]['median_pairs_per_s']}"
+                  f" pairs/s ({[r['pairs_per_s'] for r in runs]})", flush=True)
+        pids = [(await h.ping.remote())["pid"] for h in hub.handles.values()]
+        results["peak_rss_mb"] = {
+            "driver": round(_peak_rss_mb(os.getpid()), 1),
+            "shard_actors": [round(_peak_rss_mb(p), 1) for p in pids],
+        }
     return results
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

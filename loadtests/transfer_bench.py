@@ -20,13 +20,11 @@ import os
 import platform
 import statistics
 import time
-import uuid
 from pathlib import Path
 
-import asyncpg
 import uvloop
 
-from cluster.testing import assert_conserved, onboard_dfsps, running_hub
+from cluster.testing import assert_conserved, bench_environment, onboard_dfsps, running_hub
 from sim.simulator import Simulator
 
 RESULTS = Path(__file__).with_name("results")
@@ -129,65 +127,46 @@ async def _run_once(sim: Simulator, pairs: list[tuple[str, str]], users: int, du
 
 
 async def main(args: argparse.Namespace) -> dict:
-    url = os.environ.get("RAYLOOP_DATABASE_URL")
-    embedded = None
-    if not url:
-        from cluster.postgres import EmbeddedPostgres
-
-        embedded = EmbeddedPostgres(Path(".rayloop/bench-pgdata").resolve())
-        url = embedded.start()
-    name = f"rayloop_bench_{uuid.uuid4().hex[:8]}"
-    admin_connection = await asyncpg.connect(url)
-    await admin_connection.execute(f"CREATE DATABASE {name}")
-    bench_url = url.rsplit("/", 1)[0] + f"/{name}"
-    import ray
-
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
     report: dict = {
         "machine": f"{platform.node()} {os.cpu_count()} cores {platform.machine()}",
         "command": "python loadtests/transfer_bench.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"),
         "users": args.users, "shards": args.shards, "ingress_workers": args.ingress_workers,
     }
-    try:
-        async with running_hub(bench_url, shards=args.shards, ingress_workers=args.ingress_workers) as hub:
-            sim = Simulator(f"http://127.0.0.1:{hub.fspiop_port}", record=False, max_connections=4 * args.users)
-            await sim.start()
-            try:
-                names = [f"dfsp{i}" for i in range(2 * args.pairs)]
-                await onboard_dfsps(hub, sim, names, ndc="100000000", deposit="100000000")
-                pairs = [(names[2 * i], names[2 * i + 1]) for i in range(args.pairs)]
-                await _run_once(sim, pairs, args.users, args.warmup)
-                runs = []
-                for _ in range(args.runs):
-                    before = _cpu_by_component()
-                    run = await _run_once(sim, pairs, args.users, args.duration)
-                    after = _cpu_by_component()
-                    run["cpu_ms_per_transfer"] = {
-                        k: round(1000 * (after[k] - before.get(k, 0.0)) / max(1, run["transfers"]), 3)
-                        for k in sorted(after)
-                    }
-                    shards = [(await hub.ledger.describe(s))["shard"] for s in sorted(hub.handles)]
-                    run["shards"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in state.items()
-                                      if k in ("shard_id", "flushes", "flush_p50_ms", "flush_p99_ms", "in_flight",
-                                               "queue_depth", "credits_pending")} for state in shards]
-                    runs.append(run)
-                await asyncio.sleep(1.0)
-                await assert_conserved(hub)
-                report["conserved"] = True
-            finally:
-                await sim.stop()
-        report["runs"] = runs
-        report["median_transfers_per_s"] = statistics.median(r["transfers_per_s"] for r in runs)
-        report["median_p99_ms"] = statistics.median(r["p99_ms"] for r in runs)
-    finally:
-        ray.shutdown()
-        await admin_connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin_connection.close()
-        if embedded is not None:
-            embedded.stop()
+    async with (
+        bench_environment() as bench_url,
+        running_hub(bench_url, shards=args.shards, ingress_workers=args.ingress_workers) as hub,
+    ):
+        sim = Simulator(f"http://127.0.0.1:{hub.fspiop_port}", record=False, max_connections=4 * args.users)
+        await sim.start()
+        try:
+            names = [f"dfsp{i}" for i in range(2 * args.pairs)]
+            await onboard_dfsps(hub, sim, names, ndc="100000000", deposit="100000000")
+            pairs = [(names[2 * i], names[2 * i + 1]) for i in range(args.pairs)]
+            await _run_once(sim, pairs, args.users, args.warmup)
+            runs = []
+            for _ in range(args.runs):
+                before = _cpu_by_component()
+                run = await _run_once(sim, pairs, args.users, args.duration)
+                after = _cpu_by_component()
+                run["cpu_ms_per_transfer"] = {
+                    k: round(1000 * (after[k] - before.get(k, 0.0)) / max(1, run["transfers"]), 3)
+                    for k in sorted(after)
+                }
+                shards = [(await hub.ledger.describe(s))["shard"] for s in sorted(hub.handles)]
+                run["shards"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in state.items()
+                                  if k in ("shard_id", "flushes", "flush_p50_ms", "flush_p99_ms", "in_flight",
+                                           "queue_depth", "credits_pending")} for state in shards]
+                runs.append(run)
+            await asyncio.sleep(1.0)
+            await assert_conserved(hub)
+            report["conserved"] = True
+        finally:
+            await sim.stop()
+    report["runs"] = runs
+    report["median_transfers_per_s"] = statistics.median(r["transfers_per_s"] for r in runs)
+    report["median_p99_ms"] = statistics.median(r["p99_ms"] for r in runs)
     return report
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
