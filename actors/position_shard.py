@@ -120,6 +120,7 @@ class PositionShard:
         self._checkpoint_seq = 0
         self._last_checkpoint = time.monotonic()
         self._checkpoint_due = False
+        self._stopping = False  # set by stop(): background tasks ending then is expected
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,10 +150,14 @@ class PositionShard:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._flush_loop(), name=f"shard{self.shard_id}-flush"),
-            loop.create_task(self._expiry_loop(), name=f"shard{self.shard_id}-expiry"),
-            loop.create_task(self._outbox_loop(), name=f"shard{self.shard_id}-outbox"),
-            loop.create_task(self._checkpoint_loop(), name=f"shard{self.shard_id}-checkpoint"),
+            loop.create_task(_resilient(self._expiry_tick, self.settings.expiry_tick_ms), name="expiry"),
+            loop.create_task(_resilient(self._outbox_round, self.settings.credit_retry_ms), name="outbox"),
+            loop.create_task(_resilient(self._checkpoint_tick, self.settings.checkpoint_interval_ms),
+                             name="checkpoint"),
         ]
+        for task in self._tasks:
+            # A loop that ends while the shard runs would leave it half alive: stop the process instead.
+            task.add_done_callback(self._loop_ended)
         log.info(
             "shard %s ready: %d participants, %d accounts, %d open reservations, %d credits owed, seq %d",
             self.shard_id, len(self.book.participants), len(self.book.accounts), len(self.book.reservations),
@@ -164,6 +169,7 @@ class PositionShard:
         if self._started is None:
             return
         await self._started
+        self._stopping = True
         # A final checkpoint: the next start replays no journal tail.
         self._checkpoint_due = True
         self._changed.set()
@@ -193,8 +199,7 @@ class PositionShard:
         # Prefetch phase: I/O happens before the apply loop, never between a check and its update.
         loads = [c.load_account.account_id for c, op in zip(commands, ops, strict=True) if op == "load_account"]
         loaded = await self._fetch_accounts(loads) if loads else {}
-        if not self.desk.complete:
-            await self._prefetch_transfers(commands, ops)
+        foreign = await self._prefetch_transfers(commands, ops)
         book = self.book
         now_ms = self._clock_ms()
         reply = pb.BatchResult()
@@ -202,7 +207,16 @@ class PositionShard:
         credits: list[Credit] = []
         max_seq = 0
         for command, op in zip(commands, ops, strict=True):
-            result = self._apply(book, command, op, now_ms, loaded)
+            try:
+                if op == "prepare_transfer" and command.prepare_transfer.transfer_id in foreign:
+                    # The id belongs to another payer's transfer: ids are unique across the hub.
+                    result = Decision(Verdict.MODIFIED, None, 0, 3106, "Modified request - transfer ID already used")
+                else:
+                    result = self._apply(book, command, op, now_ms, loaded)
+            except InvariantViolation as error:
+                # Earlier commands of this batch are applied and would be flushed without anyone
+                # knowing their outcome: stop here, restart, rebuild from what is durable.
+                self._fatal(f"invariant violated applying {op}: {error}")
             if result.credit is not None:
                 credits.append(result.credit)
             if result.seq > max_seq:
@@ -287,23 +301,30 @@ class PositionShard:
             return Result(Outcome.OK)
         raise InvariantViolation(f"unknown command {op!r}")
 
-    async def _prefetch_transfers(self, commands, ops: list[str]) -> None:
-        """Transfers older than the desk's window come back from Postgres before the apply loop.
+    async def _prefetch_transfers(self, commands, ops: list[str]) -> set[str]:
+        """Before the apply loop, ask Postgres about transfer ids the desk does not know.
 
-        Skipped while the desk has seen every transfer of this shard (an unknown id is then new).
+        New prepares always: an id another shard's payer already used must be refused (3106), not
+        reserved a second time. Other commands only once the desk has forgotten transfers (its
+        window overflowed, or it restarted with more than the window). Returns the foreign ids.
         """
         wanted = []
         for command, op in zip(commands, ops, strict=True):
-            if op in ("prepare_transfer", "fulfil_transfer", "reject_transfer", "get_transfer"):
+            if op == "prepare_transfer" or (
+                not self.desk.complete and op in ("fulfil_transfer", "reject_transfer", "get_transfer")
+            ):
                 transfer_id = getattr(command, op).transfer_id
                 if not self.desk.knows(transfer_id):
                     wanted.append(transfer_id)
+        foreign: set[str] = set()
         if not wanted:
-            return
+            return foreign
         for record in await self._store.fetch_transfers(wanted):
-            if record.payer in self.book.participants and not self.desk.knows(record.transfer_id):
-                if record.state is not TransferState.RESERVED:
-                    self.desk.load(record)
+            if record.payer not in self.book.participants:
+                foreign.add(record.transfer_id)
+            elif not self.desk.knows(record.transfer_id) and record.state is not TransferState.RESERVED:
+                self.desk.load(record)
+        return foreign
 
     async def _fetch_accounts(self, account_ids: list[int]) -> dict[int, tuple[str, bool, Account]]:
         found = {}
@@ -353,12 +374,15 @@ class PositionShard:
             self._changed.set()
             await self._flushed.wait()
 
-    async def _checkpoint_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.checkpoint_interval_ms / 1000)
-            if self.book.checkpoint_pending():
-                self._checkpoint_due = True
-                self._changed.set()
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self._stopping:
+            return
+        self._on_fatal(f"background task {task.get_name()} ended: {task.exception()!r}")
+
+    async def _checkpoint_tick(self) -> None:
+        if self.book.checkpoint_pending():
+            self._checkpoint_due = True
+            self._changed.set()
 
     async def _flush_loop(self) -> None:
         while True:
@@ -422,20 +446,17 @@ class PositionShard:
 
     # ------------------------------------------------------------------ expiry
 
-    async def _expiry_loop(self) -> None:
-        tick_s = self.settings.expiry_tick_ms / 1000
-        while True:
-            await asyncio.sleep(tick_s)
-            now_ms = self._clock_ms()
-            # Transfers get callbacks once the abort is durable; other reservations only an event.
-            decisions, expired = self.desk.expire(now_ms)
-            for decision in decisions:
-                self._expired_pending.append((decision.seq, decision.record.transfer_id))
-                self._expired_decisions.append(decision)
-            for transfer_id, result in expired:
-                self._expired_pending.append((result.seq, transfer_id))
-            if decisions or expired:
-                self._changed.set()
+    async def _expiry_tick(self) -> None:
+        now_ms = self._clock_ms()
+        # Transfers get callbacks once the abort is durable; other reservations only an event.
+        decisions, expired = self.desk.expire(now_ms)
+        for decision in decisions:
+            self._expired_pending.append((decision.seq, decision.record.transfer_id))
+            self._expired_decisions.append(decision)
+        for transfer_id, result in expired:
+            self._expired_pending.append((result.seq, transfer_id))
+        if decisions or expired:
+            self._changed.set()
 
     async def wait_events(self, after_seq: int, timeout_ms: int = 1_000, max_events: int = 1_000) -> list:
         """Durable expiry events with journal seq above ``after_seq`` (for the notification layer)."""
@@ -453,17 +474,18 @@ class PositionShard:
 
     # ------------------------------------------------------------------ credits owed to other shards
 
-    async def _outbox_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.credit_retry_ms / 1000)
-            if not self.book.outbox:
-                continue
-            # Only credits whose commit is durable may leave: wait for what is in memory now.
-            await self._wait_durable(self.book.seq)
-            due = [c for t, c in self.book.outbox.items() if t not in self._delivering]
-            if due:
-                await self._deliver_credits(due[: self.settings.credit_batch_max],
-                                            timeout_ms=self.settings.credit_wait_timeout_ms)
+    async def _outbox_round(self) -> None:
+        """Re-send owed credit legs. Errors (a peer or Postgres away) leave them owed for the next round."""
+        if not self.book.outbox:
+            return
+        # Only credits whose commit is durable may leave: take the list now, then wait until
+        # everything in memory now is durable. Commits made during the wait go in the next round.
+        due = [c for t, c in self.book.outbox.items() if t not in self._delivering]
+        await self._wait_durable(self.book.seq)
+        due = [c for c in due if c.transfer_id in self.book.outbox]
+        if due:
+            await self._deliver_credits(due[: self.settings.credit_batch_max],
+                                        timeout_ms=self.settings.credit_wait_timeout_ms)
 
     async def _deliver_credits(self, credits: list[Credit], *, timeout_ms: int) -> int:
         """Send credit legs to their shards; returns how many are still unacknowledged."""
@@ -471,7 +493,11 @@ class PositionShard:
         self._delivering.update(c.transfer_id for c in credits)
         try:
             by_shard: dict[int, list[Credit]] = {}
-            targets = await self._shards_of([c.credit_account_id for c in credits])
+            try:
+                targets = await self._shards_of([c.credit_account_id for c in credits])
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+                log.warning("shard %s: cannot route credits now: %r", self.shard_id, error)
+                return len(credits)  # still owed; retried by the outbox round
             for credit in credits:
                 shard = targets.get(credit.credit_account_id)
                 if shard is not None:
@@ -660,3 +686,15 @@ def _add_decision(reply: pb.BatchResult, decision: Decision) -> None:
         view.currency = record.currency
         view.amount_minor = str(record.amount_minor)
         view.version = record.version
+
+
+async def _resilient(tick, interval_ms: int) -> None:
+    """Run ``tick`` every ``interval_ms``; an error is logged and the next tick runs regardless."""
+    while True:
+        await asyncio.sleep(interval_ms / 1000)
+        try:
+            await tick()
+        except InvariantViolation:
+            raise  # an impossible state: the task ends, which stops the process (see _loop_ended)
+        except Exception:  # any other failure (Postgres away, a peer restarting) is retried next tick
+            log.exception("shard background tick %s failed", getattr(tick, "__name__", tick))

@@ -17,8 +17,10 @@ from decimal import Decimal, InvalidOperation
 
 import asyncpg
 import orjson
+import ray
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from actors.position_shard import Overloaded
 from api.http import Request, Response
 from cluster.ledger_client import LedgerClient, ShardUnavailable
 from core.errors import error_body
@@ -70,6 +72,12 @@ def _json(status: int, payload) -> Response:
 def _number(text: str):
     """An exact decimal as a JSON number (central-ledger returns numbers; never via float)."""
     return orjson.Fragment(text.encode()) if text else None
+
+
+def _ledger_id(funds_transfer_id: str) -> str:
+    """Funds in/out ids live in their own namespace in the ledger, apart from FSPIOP transfer ids:
+    a reused UUID must never make one look like a duplicate of the other."""
+    return f"funds:{funds_transfer_id}"
 
 
 def _now_iso() -> str:
@@ -191,6 +199,12 @@ class AdminApi:
             except ShardUnavailable as error:
                 log.error("admin %s %s: %s", request.method, request.path, error)
                 return _json(503, error_body(2003, "ledger shard unavailable, retry"))
+            except Overloaded:
+                return _json(503, error_body(2005, "ledger shard busy, retry"))
+            except (asyncpg.PostgresError, ray.exceptions.RayError) as error:
+                # Never a bare 500: an FSPIOP error body, and the cause in the log.
+                log.exception("admin %s %s failed", request.method, request.path)
+                return _json(500, error_body(2001, type(error).__name__))
         if allowed:
             return _json(405, error_body(3000, f"method {request.method} not allowed on {request.path}"))
         return _json(404, error_body(3002, request.path))
@@ -587,14 +601,16 @@ class AdminApi:
             # Hub reconciliation (debit, on the hub's shard) -> DFSP settlement (credit).
             hub = await self._participant(self.hub_name)
             result = (await self._run(hub["shard_id"], [pb.Command(reserve=pb.Reserve(
-                transfer_id=transfer_id, debit_account_id=reconciliation, credit_account_id=account["account_id"],
+                transfer_id=_ledger_id(transfer_id), debit_account_id=reconciliation,
+                credit_account_id=account["account_id"],
                 amount_minor=str(amount_minor), check=pb.CHECK_NONE, commit_now=True,
             ))]))[0]
             state = "COMMITTED" if result.outcome in (Outcome.OK, Outcome.DUPLICATE) else "ABORTED"
         else:
             # DFSP settlement (debit, reserved now) -> hub reconciliation (credit at commit).
             result = (await self._run(participant["shard_id"], [pb.Command(reserve=pb.Reserve(
-                transfer_id=transfer_id, debit_account_id=account["account_id"], credit_account_id=reconciliation,
+                transfer_id=_ledger_id(transfer_id), debit_account_id=account["account_id"],
+                credit_account_id=reconciliation,
                 amount_minor=str(amount_minor), check=pb.CHECK_FUNDS_AVAILABLE,
             ))]))[0]
             state = "RESERVED" if result.outcome in (Outcome.OK, Outcome.DUPLICATE) else "ABORTED"
@@ -623,8 +639,9 @@ class AdminApi:
         )
         if row is None or row["action"] != "recordFundsOutPrepareReserve":
             raise AdminError(3208, f"funds-out transfer {transfer_id} not found", status=404)
-        command = (pb.Command(commit=pb.Commit(transfer_id=transfer_id)) if action == "recordFundsOutCommit"
-                   else pb.Command(abort=pb.Abort(transfer_id=transfer_id, reason=body["reason"])))
+        ledger_id = _ledger_id(transfer_id)
+        command = (pb.Command(commit=pb.Commit(transfer_id=ledger_id)) if action == "recordFundsOutCommit"
+                   else pb.Command(abort=pb.Abort(transfer_id=ledger_id, reason=body["reason"])))
         result = (await self._run(participant["shard_id"], [command]))[0]
         done = {"recordFundsOutCommit": (Outcome.OK, Outcome.ALREADY_COMMITTED),
                 "recordFundsOutAbort": (Outcome.OK, Outcome.ALREADY_ABORTED)}[action]

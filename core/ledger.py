@@ -437,6 +437,13 @@ class PositionBook:
         """Abort every open reservation whose expiration is at or before ``now_ms``."""
         expired: list[tuple[str, Result]] = []
         heap = self._expiry_heap
+        if len(heap) > 2 * len(self.reservations) + 1024:
+            # Entries of closed reservations stay until their time comes; a far-future expiration
+            # would keep them forever, so rebuild from what is open when they dominate.
+            self._expiry_heap = heap = [
+                (r.expires_at_ms, t) for t, r in self.reservations.items() if r.expires_at_ms is not None
+            ]
+            heapq.heapify(heap)
         while heap and heap[0][0] <= now_ms:
             expires_at_ms, transfer_id = heapq.heappop(heap)
             reservation = self.reservations.get(transfer_id)

@@ -1382,3 +1382,16 @@ def test_the_dedupe_window_is_bounded():
     assert reserve(book, "t3").outcome is Outcome.DUPLICATE
     assert reserve(book, "t1", major(10)).outcome is Outcome.OK  # forgotten: the window holds two
     assert_conserved(book)
+
+
+def test_expiry_heap_is_rebuilt_when_closed_entries_dominate():
+    """Far-future expirations of committed transfers must not keep heap entries forever."""
+    book = new_book()
+    far = T0 + 10**12
+    for n in range(3_000):
+        assert reserve(book, f"t{n}", 1, expires_at_ms=far).outcome is Outcome.OK
+        assert book.commit(f"t{n}", T0).outcome is Outcome.OK
+    assert len(book._expiry_heap) == 3_000
+    assert book.expire(T0 + 1) == []
+    assert len(book._expiry_heap) <= 1024
+    book.check_invariants()

@@ -622,3 +622,53 @@ async def _ping(handle):
         except ray.exceptions.RayActorError:
             await asyncio.sleep(0.1)
     raise AssertionError("shard did not come back")
+
+
+def test_nul_in_a_body_is_refused_synchronously(hub):
+    """Postgres cannot store NUL: refused at the door, so no DFSP can make a shard's flush fail."""
+    async def scenario():
+        sim = await _sim(hub)
+        payer, payee = pair()
+        try:
+            onboard(hub, sim, payer)
+            onboard(hub, sim, payee, behaviour=Behaviour(mode="ignore"))
+            _, _, prepare = await sim.send_prepare(payer, payee, "1", CURRENCY)
+            await sim.wait_for(payee, lambda r: r.method == "POST", 10)
+            raw = (b'{"errorInformation":{"errorCode":"5104","errorDescription":"bad\\u0000byte"}}')
+            status, body = await sim.send("PUT", f"/transfers/{prepare['transferId']}/error", raw, source=payee,
+                                          destination=payer)
+            assert (status, body["errorInformation"]["errorCode"]) == (400, "3101")
+            # The shard is unharmed: a proper rejection still goes through.
+            error = {"errorInformation": {"errorCode": "5104", "errorDescription": "rejected"}}
+            await sim.send("PUT", f"/transfers/{prepare['transferId']}/error", error, source=payee, destination=payer)
+            forwarded = await wait_callback(sim, payer, prepare["transferId"], error=True)
+            assert forwarded.body["errorInformation"]["errorCode"] == "5104"
+        finally:
+            await sim.stop()
+
+    run(scenario())
+
+
+def test_a_transfer_id_is_unique_across_payers(hub):
+    """A payer reusing another payer's transfer id gets 3106; the first transfer is untouched."""
+    async def scenario():
+        sim = await _sim(hub)
+        first_payer, payee = pair()
+        other_payer, _ = pair("other")
+        try:
+            for name in (first_payer, payee, other_payer):
+                onboard(hub, sim, name)
+            _, _, prepare = await sim.send_prepare(first_payer, payee, "2", CURRENCY)
+            committed = await wait_callback(sim, first_payer, prepare["transferId"], error=False)
+            assert committed.body["transferState"] == "COMMITTED"
+            copy = sim.prepare_body(other_payer, payee, "2", CURRENCY, transfer_id=prepare["transferId"])
+            await sim.send("POST", "/transfers", copy, source=other_payer, destination=payee)
+            error = await wait_callback(sim, other_payer, prepare["transferId"], error=True)
+            assert error.body["errorInformation"]["errorCode"] == "3106"
+            await asyncio.sleep(0.3)
+            assert position(hub, other_payer) == "0"
+            assert position(hub, first_payer) == "2" and position(hub, payee) == "-2"
+        finally:
+            await sim.stop()
+
+    run(scenario())

@@ -65,6 +65,9 @@ class FspiopIngress:
         try:
             route = routes.resolve(request.method, request.path)
             negotiated = self.checker.check(route, request.headers)
+            if b"\\u0000" in request.body:
+                # Postgres text cannot hold NUL; refusing it here keeps a DFSP from crashing a shard's flush.
+                raise FspiopError(3101, "NUL character in the body")
             body = schema.validate(route, request.body) if schema.has_body(route) else None
             work = self._work_for(route, request, body, negotiated)
         except FspiopError as error:

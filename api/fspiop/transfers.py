@@ -257,7 +257,7 @@ class TransfersHandler:
                 request_id=self._request_id(),
             )
         )
-        result = await self._submit(payer.shard_id, command, transfer_id)
+        result = await self._submit(payer.shard_id, command, transfer_id, sender=source)
         if result is None:
             return
         verdict = result.outcome
@@ -355,6 +355,11 @@ class TransfersHandler:
                 )
         elif verdict == "ABORTED":
             await self._aborted_by_fulfil(record, result)
+        elif verdict == "RESEND" and record.state is TransferState.ABORTED and not record.fulfilment \
+                and record.error_code:
+            # Aborted before this fulfil (e.g. the expiry timer): the payee hears why (RULES.md 6.4).
+            await self.notifier.error(source, transfer_id, record.error_code, record.error_description,
+                                      version=version)
         elif verdict == "RESEND":
             await self.notifier.state(source, record)
         elif verdict in ("MODIFIED", "UNKNOWN", "WRONG_SENDER"):
@@ -429,11 +434,14 @@ class TransfersHandler:
 
     # ------------------------------------------------------------------ routing to shards
 
-    async def _submit(self, shard_id: int, command: pb.Command, transfer_id: str):
+    async def _submit(self, shard_id: int, command: pb.Command, transfer_id: str, *, sender: str = ""):
         try:
             return await self.batchers[shard_id].submit(command)
         except Overloaded:
+            # Nothing was applied (the shard refuses before its apply loop): say so, 2005.
             log.warning("transfer %s: shard %s overloaded", transfer_id, shard_id)
+            if sender:
+                await self.notifier.error(sender, transfer_id, 2005, "Server busy - retry later")
         except ShardUnavailable as error:
             # Unknown outcome: no callback claims anything; the DFSP learns the state with a GET.
             log.error("transfer %s: %s", transfer_id, error)
