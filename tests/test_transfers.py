@@ -7,6 +7,7 @@ so tests do not see each other's positions. After every test the money is conser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
 
@@ -93,10 +94,15 @@ def run(coroutine):
     return uvloop.run(coroutine)
 
 
-async def _sim(hub: HubThread) -> Simulator:
+@contextlib.asynccontextmanager
+async def simulator(hub: HubThread):
+    """A simulator on this test's loop, pointed at the module's hub, stopped whatever happens."""
     sim = Simulator(hub.fspiop_url)
     await sim.start()
-    return sim
+    try:
+        yield sim
+    finally:
+        await sim.stop()
 
 
 def transfer_callbacks(sim: Simulator, dfsp: str, transfer_id: str):
@@ -125,9 +131,8 @@ async def wait_callback(
 
 def test_golden_path_commits_and_both_sides_hear(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee)
             status, _, prepare = await sim.send_prepare(payer, payee, "12.34", CURRENCY)
@@ -167,17 +172,14 @@ def test_golden_path_commits_and_both_sides_hear(hub):
             await sim.send("GET", f"/transfers/{uuid.uuid4()}", source=payer)
             unknown = await sim.wait_for(payer, lambda r: r.path.endswith("/error") and "3208" in str(r.body), 10)
             assert unknown.body["errorInformation"]["errorCode"] == "3208"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
 
 def test_reserved_fulfil_gets_patch_and_payer_gets_committed(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee, behaviour=Behaviour(mode="reserve"))
             _, _, prepare = await sim.send_prepare(payer, payee, "5", CURRENCY)
@@ -190,8 +192,6 @@ def test_reserved_fulfil_gets_patch_and_payer_gets_committed(hub):
             assert committed.body["fulfilment"]
             await asyncio.sleep(0.2)
             assert position(hub, payee) == "-5"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
@@ -201,9 +201,8 @@ def test_reserved_fulfil_gets_patch_and_payer_gets_committed(hub):
 
 def test_payee_rejection_releases_and_forwards_error(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee, behaviour=Behaviour(mode="reject", error_code="5104"))
             _, _, prepare = await sim.send_prepare(payer, payee, "7", CURRENCY)
@@ -212,17 +211,14 @@ def test_payee_rejection_releases_and_forwards_error(hub):
             assert error.headers["fspiop-source"] == payee
             await asyncio.sleep(0.2)
             assert position(hub, payer) == "0"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
 
 def test_invalid_fulfilment_aborts_and_tells_both(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee, behaviour=Behaviour(mode="invalid_fulfilment"))
             _, _, prepare = await sim.send_prepare(payer, payee, "3", CURRENCY)
@@ -241,17 +237,14 @@ def test_invalid_fulfilment_aborts_and_tells_both(hub):
                 state.body["extensionList"]["extension"][0]["value"]
                 == "3100: Generic validation error - invalid fulfilment"
             )
-        finally:
-            await sim.stop()
 
     run(scenario())
 
 
 def test_invalid_fulfilment_in_reserved_mode_patches_aborted(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee, behaviour=Behaviour(mode="reserve"))
             prepare = sim.prepare_body(payer, payee, "2", CURRENCY)
@@ -261,17 +254,14 @@ def test_invalid_fulfilment_in_reserved_mode_patches_aborted(hub):
             assert patch.body["transferState"] == "ABORTED"
             error = await wait_callback(sim, payer, prepare["transferId"], error=True)
             assert error.body["errorInformation"]["errorCode"] == "3100"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
 
 def test_no_answer_until_expiry_aborts_with_3303_to_both(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee, behaviour=Behaviour(mode="ignore"))
             _, _, prepare = await sim.send_prepare(payer, payee, "4", CURRENCY, expiration_ms=1_500)
@@ -284,17 +274,14 @@ def test_no_answer_until_expiry_aborts_with_3303_to_both(hub):
                 assert expired.body["errorInformation"]["errorCode"] == "3303"
                 assert expired.headers["fspiop-source"] == "Hub"
             assert position(hub, payer) == "0"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
 
 def test_fulfil_after_expiry_is_refused_with_3303(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee, behaviour=Behaviour(mode="commit", delay_ms=1_500))
             _, _, prepare = await sim.send_prepare(payer, payee, "4", CURRENCY, expiration_ms=1_000)
@@ -305,8 +292,6 @@ def test_fulfil_after_expiry_is_refused_with_3303(hub):
             await asyncio.sleep(2.0)  # the late fulfil arrives and must change nothing
             assert not [r for r in transfer_callbacks(sim, payer, transfer_id) if not r.path.endswith("/error")]
             assert position(hub, payer) == "0" and position(hub, payee) == "0"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
@@ -318,9 +303,8 @@ def test_fulfil_after_expiry_is_refused_with_3303(hub):
 )
 def test_limits_refuse_with_4200_and_4001(hub, ndc, deposit, amount, code):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer, ndc=ndc, deposit=deposit)
             onboard(hub, sim, payee)
             _, _, prepare = await sim.send_prepare(payer, payee, amount, CURRENCY)
@@ -334,18 +318,15 @@ def test_limits_refuse_with_4200_and_4001(hub, ndc, deposit, amount, code):
             _, _, prepare = await sim.send_prepare(payer, payee, exact, CURRENCY)
             committed = await wait_callback(sim, payer, prepare["transferId"], error=False)
             assert committed.body["transferState"] == "COMMITTED"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
 
 def test_validation_failures_answer_3100(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
         inactive, _ = pair("inactive")
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee)
             onboard(hub, sim, inactive)
@@ -373,8 +354,6 @@ def test_validation_failures_answer_3100(hub):
             error = await wait_callback(sim, inactive, body["transferId"], error=True)
             assert error.body["errorInformation"]["errorCode"] == "3100"
             assert position(hub, payer) == "0"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
@@ -384,9 +363,8 @@ def test_validation_failures_answer_3100(hub):
 
 def test_duplicate_prepares_and_fulfils(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee)
             _, _, prepare = await sim.send_prepare(payer, payee, "1", CURRENCY)
@@ -420,8 +398,6 @@ def test_duplicate_prepares_and_fulfils(hub):
             assert error.body["errorInformation"]["errorCode"] == "3106"
             await asyncio.sleep(0.2)
             assert position(hub, payer) == "1" and position(hub, payee) == "-1"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
@@ -442,9 +418,8 @@ def test_duplicate_prepares_and_fulfils(hub):
 )
 def test_header_and_version_errors_are_synchronous(hub, change, status, code):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             sim.add_dfsp(payer)
             sim.add_dfsp(payee)
             body = sim.prepare_body(payer, payee, "1", CURRENCY)
@@ -454,17 +429,14 @@ def test_header_and_version_errors_are_synchronous(hub, change, status, code):
             assert (got_status, got["errorInformation"]["errorCode"]) == (status, code), got
             if code == "3001":
                 assert got["errorInformation"]["extensionList"]["extension"]
-        finally:
-            await sim.stop()
 
     run(scenario())
 
 
 def test_schema_errors_are_synchronous(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             sim.add_dfsp(payer)
             sim.add_dfsp(payee)
             good = sim.prepare_body(payer, payee, "1", CURRENCY)
@@ -479,8 +451,6 @@ def test_schema_errors_are_synchronous(hub):
                 assert (status, got["errorInformation"]["errorCode"]) == (400, code), got
             status, got = await sim.send("GET", "/nothing/here", source=payer)
             assert (status, got["errorInformation"]["errorCode"]) == (404, "3002")
-        finally:
-            await sim.stop()
 
     run(scenario())
 
@@ -490,10 +460,9 @@ def test_schema_errors_are_synchronous(hub):
 
 def test_dead_payee_does_not_stall_others(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
         _, dead = pair("dead")
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer, ndc="100000", deposit="100000")
             onboard(hub, sim, payee)
             # A payee whose endpoints point at a closed port.
@@ -517,8 +486,6 @@ def test_dead_payee_does_not_stall_others(hub):
             assert asyncio.get_running_loop().time() - started < 8
             await asyncio.sleep(0.2)
             assert position(hub, payer) == "40"  # 20 committed, 20 still reserved towards the dead payee
-        finally:
-            await sim.stop()
 
     run(scenario())
 
@@ -528,9 +495,8 @@ def test_dead_payee_does_not_stall_others(hub):
 
 def test_version_1_0_is_negotiated_and_used_for_callbacks(hub):
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee, behaviour=Behaviour(mode="commit", version="1.0"))
             _, _, prepare = await sim.send_prepare(payer, payee, "1", CURRENCY, version="1.0")
@@ -543,8 +509,6 @@ def test_version_1_0_is_negotiated_and_used_for_callbacks(hub):
             await sim.send("POST", "/transfers", body, source=payer, destination=payee, version="1.0")
             error = await wait_callback(sim, payer, body["transferId"], error=True)
             assert error.headers["content-type"] == "application/vnd.interoperability.transfers+json;version=1.0"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
@@ -558,9 +522,8 @@ def test_payer_shard_killed_mid_stream_loses_nothing(hub):
     import signal
 
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair("kill")
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer, ndc="100000", deposit="100000")
             onboard(hub, sim, payee)
             shard_id = hub.hub.handles and next(
@@ -597,8 +560,6 @@ def test_payer_shard_killed_mid_stream_loses_nothing(hub):
             assert position(hub, payer) == str(committed)
             assert position(hub, payee) == str(-committed)
             assert hub.call(_ping(hub.hub.handles[shard_id]))["pid"] != victim
-        finally:
-            await sim.stop()
 
     run(scenario())
 
@@ -627,9 +588,8 @@ async def _ping(handle):
 def test_nul_in_a_body_is_refused_synchronously(hub):
     """Postgres cannot store NUL: refused at the door, so no DFSP can make a shard's flush fail."""
     async def scenario():
-        sim = await _sim(hub)
         payer, payee = pair()
-        try:
+        async with simulator(hub) as sim:
             onboard(hub, sim, payer)
             onboard(hub, sim, payee, behaviour=Behaviour(mode="ignore"))
             _, _, prepare = await sim.send_prepare(payer, payee, "1", CURRENCY)
@@ -643,8 +603,6 @@ def test_nul_in_a_body_is_refused_synchronously(hub):
             await sim.send("PUT", f"/transfers/{prepare['transferId']}/error", error, source=payee, destination=payer)
             forwarded = await wait_callback(sim, payer, prepare["transferId"], error=True)
             assert forwarded.body["errorInformation"]["errorCode"] == "5104"
-        finally:
-            await sim.stop()
 
     run(scenario())
 
@@ -652,10 +610,9 @@ def test_nul_in_a_body_is_refused_synchronously(hub):
 def test_a_transfer_id_is_unique_across_payers(hub):
     """A payer reusing another payer's transfer id gets 3106; the first transfer is untouched."""
     async def scenario():
-        sim = await _sim(hub)
         first_payer, payee = pair()
         other_payer, _ = pair("other")
-        try:
+        async with simulator(hub) as sim:
             for name in (first_payer, payee, other_payer):
                 onboard(hub, sim, name)
             _, _, prepare = await sim.send_prepare(first_payer, payee, "2", CURRENCY)
@@ -668,7 +625,5 @@ def test_a_transfer_id_is_unique_across_payers(hub):
             await asyncio.sleep(0.3)
             assert position(hub, other_payer) == "0"
             assert position(hub, first_payer) == "2" and position(hub, payee) == "-2"
-        finally:
-            await sim.stop()
 
     run(scenario())
