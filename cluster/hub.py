@@ -123,6 +123,7 @@ class Hub:
         else:
             # A private local Ray: loopback only (it never probes outside addresses), no dashboard.
             ray.init(
+                address="local",  # always our own instance, never a cluster already running here
                 namespace=config.ray_namespace,
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",

@@ -90,6 +90,15 @@ async def assert_conserved(hub: Hub) -> None:
         assert values - reserved - owed == 0, f"live {currency}: {values} - {reserved} - {owed} != 0"
 
 
+def start_local_ray(*, num_cpus: int | None = 2, log_to_driver: bool = True) -> None:
+    """A private Ray for tests and benchmarks: always a new local instance (never one already running
+    on the machine), on loopback, without the dashboard."""
+    import ray
+
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=num_cpus,
+             configure_logging=False, log_to_driver=log_to_driver)
+
+
 class HubThread:
     """A hub running on its own uvloop thread, so tests (each on its own loop) can share one hub."""
 
@@ -182,8 +191,7 @@ async def bench_environment(*, ray_logs: bool = False):
     name = f"rayloop_bench_{uuid.uuid4().hex[:8]}"
     connection = await asyncpg.connect(url)
     await connection.execute(f"CREATE DATABASE {name}")
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             log_to_driver=ray_logs)
+    start_local_ray(num_cpus=None, log_to_driver=ray_logs)
     try:
         yield url.rsplit("/", 1)[0] + f"/{name}"
     finally:

@@ -11,12 +11,12 @@ import ray
 import uvloop
 
 from api.ops_grpc import query_state
-from cluster.testing import admin, assert_conserved, onboard, running_hub
+from cluster.testing import admin, assert_conserved, onboard, running_hub, start_local_ray
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=2, configure_logging=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -14,7 +14,7 @@ import ray
 import uvloop
 
 from cluster.ledger_client import ShardUnavailable
-from cluster.testing import assert_conserved, onboard, running_hub
+from cluster.testing import assert_conserved, onboard, running_hub, start_local_ray
 from core.ledger import Outcome
 from core.money import parse_amount, to_decimal
 from protos import ledger_pb2 as pb
@@ -22,7 +22,7 @@ from protos import ledger_pb2 as pb
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=2, configure_logging=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 import uvloop
 
-from cluster.testing import admin, running_hub
+from cluster.testing import admin, running_hub, start_local_ray
 
 # The four POST /settlementModels bodies of the TTK's provisioning/hub_setup.json, verbatim, with
 # {$environment.cgscurrency} substituted by environment_hub.json's value (INR).
@@ -74,7 +74,7 @@ INVALID = [
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=2, configure_logging=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -15,7 +15,7 @@ import pytest
 import ray
 import uvloop
 
-from cluster.testing import HubThread, assert_conserved
+from cluster.testing import HubThread, assert_conserved, start_local_ray
 from sim.simulator import Behaviour, Simulator
 
 CURRENCY = "XTS"
@@ -24,7 +24,7 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=2, configure_logging=False)
+    start_local_ray()
     thread = HubThread(module_database_url, shards=2, ingress_workers=1).start()
     for account_type in ("HUB_MULTILATERAL_SETTLEMENT", "HUB_RECONCILIATION"):
         status, body = thread.admin("POST", "/participants/Hub/accounts", {"type": account_type, "currency": CURRENCY})

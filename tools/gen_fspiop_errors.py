@@ -421,7 +421,8 @@ def render(entries: list[ParsedError], source_label: str, source_sha256: str) ->
 def source_label_for(spec_path: Path) -> str:
     """Path of the source as written in the header: relative to the repository root when possible."""
     try:
-        return Path(os.path.relpath(spec_path.resolve(), REPO_ROOT)).as_posix()
+        # abspath, not resolve(): a symlinked shared/ must not change the header.
+        return Path(os.path.relpath(os.path.abspath(spec_path), REPO_ROOT)).as_posix()
     except ValueError:  # different drive (Windows)
         return spec_path.as_posix()
 
