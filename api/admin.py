@@ -74,6 +74,16 @@ def _number(text: str):
     return orjson.Fragment(text.encode()) if text else None
 
 
+def _funds_state(result: pb.CommandResult, done: str) -> str:
+    """The funds transfer's state after a (possibly repeated) ledger call: a duplicate reports where
+    the first call left it (a retried funds-out after its commit is COMMITTED, not RESERVED)."""
+    if result.outcome == Outcome.OK:
+        return done
+    if result.outcome == Outcome.DUPLICATE and result.state:
+        return result.state
+    return "ABORTED"
+
+
 def _ledger_id(funds_transfer_id: str) -> str:
     """Funds in/out ids live in their own namespace in the ledger, apart from FSPIOP transfer ids:
     a reused UUID must never make one look like a duplicate of the other."""
@@ -401,24 +411,30 @@ class AdminApi:
             raise AdminError(3200, f"participant {name} has no {currency} accounts")
         if position["net_debit_cap"] is not None:
             raise AdminError(3003, f"{name} already has a net debit cap for {currency}")
-        commands = [
-            pb.Command(set_net_debit_cap=pb.SetNetDebitCap(
-                account_id=position["account_id"], cap_minor=str(cap_minor))),
-            pb.Command(set_account_active=pb.SetAccountActive(account_id=position["account_id"], is_active=True)),
-            pb.Command(set_account_active=pb.SetAccountActive(account_id=settlement["account_id"], is_active=True)),
-        ]
+        activate_position = pb.Command(
+            set_account_active=pb.SetAccountActive(account_id=position["account_id"], is_active=True)
+        )
         if initial_minor:
-            # An initial position is a debit against the hub's multilateral settlement account, so
-            # the per-currency sum stays conserved.
+            # First the initial position, on its own: if it is refused (an inactive participant),
+            # no cap is set yet and the call can simply be repeated. It is a debit against the hub's
+            # multilateral settlement account, so the per-currency sum stays conserved; its id makes
+            # a repeat a duplicate, not a second move.
             hub_account = await self._hub_account(currency, AccountType.HUB_MULTILATERAL_SETTLEMENT)
-            commands.append(pb.Command(reserve=pb.Reserve(
+            results = await self._run(participant["shard_id"], [activate_position, pb.Command(reserve=pb.Reserve(
                 transfer_id=f"initial-position:{name}:{currency}", debit_account_id=position["account_id"],
                 credit_account_id=hub_account, amount_minor=str(initial_minor), check=pb.CHECK_NONE, commit_now=True,
-            )))
-        results = await self._run(participant["shard_id"], commands)
+            ))])
+            if results[-1].outcome not in (Outcome.OK, Outcome.DUPLICATE):
+                raise AdminError(3100, f"could not set the initial position: {results[-1].outcome}")
+        results = await self._run(participant["shard_id"], [
+            pb.Command(set_net_debit_cap=pb.SetNetDebitCap(
+                account_id=position["account_id"], cap_minor=str(cap_minor))),
+            activate_position,
+            pb.Command(set_account_active=pb.SetAccountActive(account_id=settlement["account_id"], is_active=True)),
+        ])
         failed = [r.outcome for r in results if r.outcome not in (Outcome.OK, Outcome.DUPLICATE)]
         if failed:
-            raise AdminError(3100, f"could not set initial position and limits: {', '.join(failed)}")
+            raise AdminError(3100, f"could not set the limits: {', '.join(failed)}")
         return Response(201)
 
     async def _limits_json(self, participant: asyncpg.Record, currency: str | None) -> list[dict]:
@@ -605,7 +621,7 @@ class AdminApi:
                 credit_account_id=account["account_id"],
                 amount_minor=str(amount_minor), check=pb.CHECK_NONE, commit_now=True,
             ))]))[0]
-            state = "COMMITTED" if result.outcome in (Outcome.OK, Outcome.DUPLICATE) else "ABORTED"
+            state = _funds_state(result, "COMMITTED")
         else:
             # DFSP settlement (debit, reserved now) -> hub reconciliation (credit at commit).
             result = (await self._run(participant["shard_id"], [pb.Command(reserve=pb.Reserve(
@@ -613,7 +629,7 @@ class AdminApi:
                 credit_account_id=reconciliation,
                 amount_minor=str(amount_minor), check=pb.CHECK_FUNDS_AVAILABLE,
             ))]))[0]
-            state = "RESERVED" if result.outcome in (Outcome.OK, Outcome.DUPLICATE) else "ABORTED"
+            state = _funds_state(result, "RESERVED")
         await self.pool.execute(
             "UPDATE funds_transfer SET state = $2, changed_at = now() WHERE transfer_id = $1", transfer_id, state
         )

@@ -138,3 +138,28 @@ def test_admin_errors(database_url, method, path, body, status, code):
             await assert_conserved(hub)
 
     uvloop.run(scenario())
+
+
+def test_initial_position_is_a_conserved_move_and_can_be_retried(database_url):
+    async def scenario():
+        async with running_hub(database_url, shards=2) as hub:
+            await onboard(hub, ["payerfsp"])  # hub accounts for XTS
+            status, body = await admin(hub, "POST", "/participants", {"name": "latefsp", "currency": "XTS"})
+            assert status == 201, body
+            # An inactive participant: the initial position is refused and nothing is set...
+            status, _ = await admin(hub, "PUT", "/participants/latefsp", {"isActive": False})
+            assert status == 200
+            request = {"currency": "XTS", "limit": {"type": "NET_DEBIT_CAP", "value": 1000}, "initialPosition": 150}
+            status, body = await admin(hub, "POST", "/participants/latefsp/initialPositionAndLimits", request)
+            assert status == 400 and body["errorInformation"]["errorCode"] == "3100"
+            status, limits = await admin(hub, "GET", "/participants/latefsp/limits")
+            assert limits == []
+            # ...so once active the same call works, and the position is a move against the hub.
+            status, _ = await admin(hub, "PUT", "/participants/latefsp", {"isActive": True})
+            status, body = await admin(hub, "POST", "/participants/latefsp/initialPositionAndLimits", request)
+            assert status == 201, body
+            status, body = await admin(hub, "GET", "/participants/latefsp/positions?currency=XTS")
+            assert body["value"] == 150
+            await assert_conserved(hub)
+
+    uvloop.run(scenario())
