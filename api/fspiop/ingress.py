@@ -49,8 +49,14 @@ def _resource_of(path: str) -> str:
 class FspiopIngress:
     """The HTTP handler: turns requests into work for the resource handlers."""
 
-    def __init__(self, transfers, *, max_background_tasks: int = 50_000, checker: HeaderChecker | None = None):
+    def __init__(
+        self, transfers, *, resources: dict | None = None, max_background_tasks: int = 50_000,
+        checker: HeaderChecker | None = None,
+    ):
         self.transfers = transfers
+        # Handlers of the other FSPIOP resources by resource name ("parties", "quotes", ...); each has
+        # ``work_for(route, request, body, version)``.
+        self.resources = dict(resources or {})
         self.checker = checker or HeaderChecker()
         self.max_background_tasks = max_background_tasks
         self._tasks: set[asyncio.Task] = set()
@@ -87,7 +93,12 @@ class FspiopIngress:
         version = f"{negotiated.response[0]}.{negotiated.response[1]}"
         headers = request.headers
         if route.resource != "transfers":
-            raise FspiopError(2002, f"{route.resource} is not served by this hub yet")
+            handler = self.resources.get(route.resource)
+            if handler is None:
+                raise FspiopError(2002, f"{route.resource} is not served by this hub yet")
+            # A resource handler checks what it must synchronously (raising FspiopError) and returns
+            # the coroutine that does the rest after the 202/200 answer.
+            return handler.work_for(route, request, body, version)
         template = route.template
         if template == "/transfers" and route.method == "POST":
             return self.transfers.prepare(headers, request.body, body, version)
