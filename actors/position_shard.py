@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from actors.store import FencedOut, ShardStore
+from cluster import metrics
 from core.ledger import (
     Account,
     Check,
@@ -75,6 +76,7 @@ class ShardSettings:
     checkpoint_interval_ms: int = 1_000  # how often open reservations and owed credits reach their tables
     checkpoint_max_entries: int = 100_000  # journal rows after a checkpoint: bounds the replay at recovery
     hub_name: str = "Hub"  # FSPIOP-Source of the expiry callbacks this shard sends
+    metrics_participants_max: int = 500  # participant label values per process (docs/METRICS.md)
 
 
 class Overloaded(RuntimeError):
@@ -122,6 +124,13 @@ class PositionShard:
         self._checkpoint_due = False
         self._stopping = False  # set by stop(): background tasks ending then is expected
         self._tasks: list[asyncio.Task] = []
+        # Metric children looked up once: the hot path only observes (cluster/metrics.py, docs/METRICS.md).
+        shard_label = str(shard_id)
+        self._batch_commands = metrics.SHARD_BATCH_COMMANDS.labels(shard_label)
+        self._flush_seconds = metrics.SHARD_FLUSH_SECONDS.labels(shard_label)
+        self._flush_changes = metrics.SHARD_FLUSH_CHANGES.labels(shard_label)
+        self._durable_lag = metrics.SHARD_DURABLE_LAG_SECONDS.labels(shard_label)
+        self._gauge_keys: list[str] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -145,6 +154,7 @@ class PositionShard:
         self.desk = TransferDesk(self.book, window=self.settings.dedupe_window)
         await self._store.load_transfers(self.desk, window=self.settings.dedupe_window)
         self.notifier = await self._make_notifier()
+        self._register_metrics()
         self._durable_seq = self.book.seq
         self._checkpoint_seq = self._store.checkpoint_seq
         loop = asyncio.get_running_loop()
@@ -179,7 +189,27 @@ class PositionShard:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.notifier is not None:
             await self.notifier.close()
+        for key in self._gauge_keys:
+            metrics.LIVE.unregister(key)  # a stopped shard's queues are not the process's any more
         await self._pool.close()
+
+    def _register_metrics(self) -> None:
+        """Gauges read at scrape time: the shard's queues cost nothing until someone looks."""
+        metrics.configure(participants_max=self.settings.metrics_participants_max)
+        label = str(self.shard_id)
+        gauges = (
+            ("rayloop_shard_unflushed_changes", "Changes applied in memory and not yet durable (write-behind queue)",
+             lambda: self.book.seq - self._durable_seq),
+            ("rayloop_shard_waiting_calls", "Calls waiting for their changes to become durable",
+             lambda: self._waiting_calls),
+            ("rayloop_shard_open_reservations", "Reservations open on the shard (transfers in flight)",
+             lambda: len(self.book.reservations)),
+            ("rayloop_shard_credits_pending", "Credit legs owed to other shards, not yet acknowledged",
+             lambda: len(self.book.outbox)),
+        )
+        self._gauge_keys = [f"{name}:{label}" for name, _, _ in gauges]
+        for key, (name, documentation, read) in zip(self._gauge_keys, gauges, strict=True):
+            metrics.LIVE.register(key, name, documentation, ["shard"], lambda read=read: [((label,), read())])
 
     async def _make_notifier(self):
         """Expiry callbacks leave from the shard that decides them (imported late: api depends on us)."""
@@ -195,6 +225,7 @@ class PositionShard:
         batch = pb.CommandBatch.FromString(payload)
         await self._admit()
         commands = batch.commands
+        self._batch_commands.observe(len(commands))
         ops = [command.WhichOneof("op") for command in commands]  # one pass, reused below
         # Prefetch phase: I/O happens before the apply loop, never between a check and its update.
         loads = [c.load_account.account_id for c, op in zip(commands, ops, strict=True) if op == "load_account"]
@@ -309,7 +340,9 @@ class PositionShard:
         window overflowed, or it restarted with more than the window). Returns the foreign ids.
         """
         wanted = []
+        asked = 0
         for command, op in zip(commands, ops, strict=True):
+            asked += op in _TRANSFER_OPS
             if op == "prepare_transfer" or (
                 not self.desk.complete and op in ("fulfil_transfer", "reject_transfer", "get_transfer")
             ):
@@ -317,6 +350,10 @@ class PositionShard:
                 if not self.desk.knows(transfer_id):
                     wanted.append(transfer_id)
         foreign: set[str] = set()
+        # Hits: transfer commands the desk answered from memory; misses: ids looked up in Postgres.
+        if asked:
+            metrics.TRANSFER_PREFETCH_HIT.inc(asked - len(wanted))
+            metrics.TRANSFER_PREFETCH_MISS.inc(len(wanted))
         if not wanted:
             return foreign
         for record in await self._store.fetch_transfers(wanted):
@@ -399,7 +436,13 @@ class PositionShard:
                 continue
             started = time.perf_counter()
             await self._write(batch)
-            self._flush_ms.append((time.perf_counter() - started) * 1000)
+            flush_s = time.perf_counter() - started
+            self._flush_ms.append(flush_s * 1000)
+            self._flush_seconds.observe(flush_s)
+            if batch.entries:
+                self._flush_changes.observe(len(batch.entries))
+                # Entries are in journal order: the first waited longest for this flush (same clock as at_ms).
+                self._durable_lag.observe(max(0, self._clock_ms() - batch.entries[0].at_ms) / 1000)
             self._flushes += 1
             self._durable_seq = batch.last_seq
             if checkpoint:
@@ -627,6 +670,9 @@ class PositionShard:
         return {"shard_id": self.shard_id, "pid": os.getpid(), "last_durable_seq": self._durable_seq}
 
 
+_TRANSFER_OPS = frozenset({"prepare_transfer", "fulfil_transfer", "reject_transfer", "get_transfer"})
+
+
 def _loads_first(batch: pb.CommandBatch) -> bytes:
     """Reorder so that account loads run before the credits that need them."""
     ordered = pb.CommandBatch(wait_durable=batch.wait_durable)
@@ -686,6 +732,7 @@ def _add_decision(reply: pb.BatchResult, decision: Decision) -> None:
         view.currency = record.currency
         view.amount_minor = str(record.amount_minor)
         view.version = record.version
+        view.created_ms = record.created_ms or 0
 
 
 async def _resilient(tick, interval_ms: int) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import ray
 
 from actors.position_shard import PositionShard, ShardSettings
+from cluster.metrics import process_snapshot
 
 SHARD_ACTOR_PREFIX = "rayloop-shard-"
 
@@ -20,6 +21,10 @@ class _RayPositionShard(PositionShard):
         super().__init__(shard_id, settings, call_peer=self._call_peer_actor)
         self._namespace = namespace
         self._peer_handles: dict[int, ray.actor.ActorHandle] = {}
+
+    async def metrics_snapshot(self) -> dict:
+        """This process's metrics, for the hub's aggregated scrape (cluster/metrics_hub.py)."""
+        return process_snapshot()
 
     async def _call_peer_actor(self, shard_id: int, payload: bytes) -> bytes:
         handle = self._peer_handles.get(shard_id)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import ray
 
 from actors.position_shard import Overloaded
+from cluster import metrics
 from protos import ledger_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,16 @@ class ShardBatcher:
         self._in_flight = 0
         self.calls = 0
         self.commands = 0
+        label = str(shard_id)
+        self._batch_commands = metrics.INGRESS_BATCH_COMMANDS.labels(label)
+        self._call_seconds = metrics.INGRESS_SHARD_CALL_SECONDS.labels(label)
+        # Read when scraped; one batcher per shard and process, so a rebuilt one replaces its predecessor.
+        metrics.LIVE.register(f"batcher-queue:{label}", "rayloop_ingress_batcher_queue_depth",
+                              "Commands waiting in an ingress worker's ShardBatcher for a Ray call to the shard",
+                              ["shard"], lambda: [((label,), len(self._waiting))])
+        metrics.LIVE.register(f"batcher-in-flight:{label}", "rayloop_ingress_batcher_in_flight",
+                              "Ray calls in flight from an ingress worker's ShardBatcher to the shard",
+                              ["shard"], lambda: [((label,), self._in_flight)])
 
     @property
     def queue_depth(self) -> int:
@@ -108,8 +120,11 @@ class ShardBatcher:
             asyncio.get_running_loop().create_task(self._send(batch))
 
     async def _send(self, batch: list[tuple[pb.Command, asyncio.Future]]) -> None:
+        started = time.perf_counter()
+        self._batch_commands.observe(len(batch))
         try:
             reply = await self.ledger.execute(self.shard_id, [command for command, _ in batch])
+            self._call_seconds.observe(time.perf_counter() - started)
             self.calls += 1
             self.commands += len(batch)
             for (_, future), result in zip(batch, reply.results, strict=True):

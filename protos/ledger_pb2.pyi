@@ -193,7 +193,7 @@ class CommandBatch(_message.Message):
     def __init__(self, commands: _Optional[_Iterable[_Union[Command, _Mapping]]] = ..., wait_durable: _Optional[bool] = ...) -> None: ...
 
 class TransferView(_message.Message):
-    __slots__ = ("transfer_id", "payer", "payee", "state", "fulfilment", "completed_ms", "reserved_mode", "error_code", "error_description", "currency", "amount_minor", "version")
+    __slots__ = ("transfer_id", "payer", "payee", "state", "fulfilment", "completed_ms", "reserved_mode", "error_code", "error_description", "currency", "amount_minor", "version", "created_ms")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     PAYER_FIELD_NUMBER: _ClassVar[int]
     PAYEE_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class TransferView(_message.Message):
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     payer: str
     payee: str
@@ -218,7 +219,8 @@ class TransferView(_message.Message):
     currency: str
     amount_minor: str
     version: str
-    def __init__(self, transfer_id: _Optional[str] = ..., payer: _Optional[str] = ..., payee: _Optional[str] = ..., state: _Optional[str] = ..., fulfilment: _Optional[str] = ..., completed_ms: _Optional[int] = ..., reserved_mode: _Optional[bool] = ..., error_code: _Optional[int] = ..., error_description: _Optional[str] = ..., currency: _Optional[str] = ..., amount_minor: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    created_ms: int
+    def __init__(self, transfer_id: _Optional[str] = ..., payer: _Optional[str] = ..., payee: _Optional[str] = ..., state: _Optional[str] = ..., fulfilment: _Optional[str] = ..., completed_ms: _Optional[int] = ..., reserved_mode: _Optional[bool] = ..., error_code: _Optional[int] = ..., error_description: _Optional[str] = ..., currency: _Optional[str] = ..., amount_minor: _Optional[str] = ..., version: _Optional[str] = ..., created_ms: _Optional[int] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("outcome", "seq", "state", "transfer", "error_code", "error_description")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from cluster import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -60,8 +62,11 @@ class ParticipantDirectory:
         default now) and looks again, so a DFSP onboarded before the request arrived is found."""
         found = self._participants.get(name)
         if found is None:
+            metrics.PARTICIPANT_DIRECTORY_MISS.inc()
             await self.refresh(since=since)
             found = self._participants.get(name)
+        else:
+            metrics.PARTICIPANT_DIRECTORY_HIT.inc()
         return found
 
     async def refresh(self, *, since: float | None = None) -> None:
