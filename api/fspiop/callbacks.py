@@ -22,7 +22,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from enum import StrEnum
@@ -32,6 +32,7 @@ import asyncpg
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from api.http import ClientPool, HeaderList, HttpConnectionError
+from cluster import metrics as hub_metrics
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,10 @@ class EndpointDirectory:
         """
         template = self._endpoints.get(fsp, {}).get(endpoint_type)
         if template is None:
+            hub_metrics.ENDPOINT_DIRECTORY_MISS.inc()
             self._reload_soon()
             return None
+        hub_metrics.ENDPOINT_DIRECTORY_HIT.inc()
         return template.expand(path, params)
 
     async def resolve(
@@ -184,6 +187,7 @@ class EndpointDirectory:
         query.
         """
         template = self._endpoints.get(fsp, {}).get(endpoint_type)
+        (hub_metrics.ENDPOINT_DIRECTORY_MISS if template is None else hub_metrics.ENDPOINT_DIRECTORY_HIT).inc()
         if template is None and since is None:
             if not self._may_reload():
                 return None
@@ -403,6 +407,7 @@ class _Job:
     # iteration, which would record most loopback callbacks as taking 0 s.
     queued_at: float
     done: asyncio.Future[Outcome] | None  # set by send_and_wait
+    on_outcome: Callable[[Outcome], None] | None = None  # told the final outcome (transfer flow metrics)
 
 
 class _Lane:
@@ -417,6 +422,15 @@ class _Lane:
         self.depth = depth  # the labelled gauge child, looked up once
         self.logged_at = float("-inf")
         self.suppressed = 0
+
+
+def _tell(on_outcome: Callable[[Outcome], None] | None, outcome: Outcome) -> None:
+    if on_outcome is None:
+        return
+    try:
+        on_outcome(outcome)
+    except Exception:  # an observer's bug must not stop a lane's worker (it would stop delivery to that DFSP)
+        log.exception("callbacks: on_outcome observer failed")
 
 
 _LOG_INTERVAL_S = 1.0  # per DFSP: at most one failure line per second, so a dead DFSP cannot flood the log
@@ -474,13 +488,17 @@ class CallbackDispatcher:
         self._idle.set()
         self._closed = False
 
-    def send(self, fsp: str, method: str, url: str, headers: HeaderList, body: bytes, *, kind: str) -> bool:
+    def send(
+        self, fsp: str, method: str, url: str, headers: HeaderList, body: bytes, *, kind: str,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> bool:
         """Queue a callback to ``fsp``; False (counted as dropped) when its queue is full or we are closed.
 
         ``kind`` labels the metrics: "transfer_put", "transfer_error", "transfer_patch", ...
+        ``on_outcome`` is called with the final outcome (also when dropped), on the loop thread.
         Must be called on the event loop thread.
         """
-        return self._enqueue(fsp, method, url, headers, body, kind, None)
+        return self._enqueue(fsp, method, url, headers, body, kind, None, on_outcome)
 
     async def send_and_wait(
         self, fsp: str, method: str, url: str, headers: HeaderList, body: bytes, *, kind: str
@@ -542,20 +560,23 @@ class CallbackDispatcher:
         body: bytes,
         kind: str,
         done: asyncio.Future[Outcome] | None,
+        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> bool:
         if self._closed:
             self.metrics.total.labels(kind, Outcome.DROPPED).inc()
+            _tell(on_outcome, Outcome.DROPPED)
             return False
         lane = self._lanes.get(fsp) or self._open_lane(fsp)
         method = method.upper()
         if method not in _ACCEPT_METHODS:
             # Safety net for RULES §2: whoever built the headers, a callback never carries Accept.
             headers = [(name, value) for name, value in _headers_of(headers) if name.lower() != "accept"]
-        job = _Job(method, url, headers, body, kind, time.perf_counter(), done)
+        job = _Job(method, url, headers, body, kind, time.perf_counter(), done, on_outcome)
         try:
             lane.queue.put_nowait(job)
         except asyncio.QueueFull:
             self.metrics.total.labels(kind, Outcome.DROPPED).inc()
+            _tell(on_outcome, Outcome.DROPPED)
             self._log_failure(
                 lane, "callbacks: queue for %s full (%d); dropped %s %s", fsp, self._queue_max, method, url
             )
@@ -632,6 +653,8 @@ class CallbackDispatcher:
         lane.depth.set(lane.queue.qsize())
         if job.done is not None and not job.done.done():
             job.done.set_result(outcome)
+        if job.on_outcome is not None:
+            _tell(job.on_outcome, outcome)
         self._pending -= 1
         if self._pending == 0:
             self._idle.set()

@@ -23,12 +23,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_l
 from api.fspiop import routes, schema
 from api.fspiop.headers import HeaderChecker
 from api.http import HttpServer, Request, Response
+from cluster import metrics
 from core.errors import FspiopError
 
 log = logging.getLogger(__name__)
 
 _ERROR_TYPE = "application/vnd.interoperability.transfers+json;version=1.1"
 
+
+_PER_PROCESS_NOTE = (
+    b"# rayloop: the metrics of ONE ingress worker process (the port is shared, a scrape reaches any one).\n"
+    b"# Scrape the admin API's GET /metrics for the whole hub, every worker and shard merged (docs/METRICS.md).\n"
+)
 
 REQUESTS = Counter(
     "rayloop_fspiop_requests_total", "FSPIOP requests answered by this ingress process",
@@ -63,11 +69,13 @@ class FspiopIngress:
         self.requests = 0
 
     async def handle(self, request: Request) -> Response:
+        received = time.perf_counter()  # the start of a transfer's prepare or fulfil flow (docs/METRICS.md)
         self.requests += 1
         if request.method == "GET" and request.path == "/health":
             return Response(200, b'{"status":"OK"}', content_type="application/json")
         if request.method == "GET" and request.path == "/metrics":
-            return Response(200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+            # One worker's registry only: several workers share this port, so a scrape reaches a random one.
+            return Response(200, _PER_PROCESS_NOTE + generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
         try:
             route = routes.resolve(request.method, request.path)
             negotiated = self.checker.check(route, request.headers)
@@ -75,7 +83,7 @@ class FspiopIngress:
                 # Postgres text cannot hold NUL; refusing it here keeps a DFSP from crashing a shard's flush.
                 raise FspiopError(3101, "NUL character in the body")
             body = schema.validate(route, request.body) if schema.has_body(route) else None
-            work = self._work_for(route, request, body, negotiated)
+            work = self._work_for(route, request, body, negotiated, received)
         except FspiopError as error:
             REQUESTS.labels(_resource_of(request.path), request.method, str(error.http_status)).inc()
             return _error_response(error)
@@ -89,7 +97,7 @@ class FspiopIngress:
         REQUESTS.labels(route.resource, request.method, str(status)).inc()
         return Response(status)
 
-    def _work_for(self, route, request: Request, body, negotiated):
+    def _work_for(self, route, request: Request, body, negotiated, received: float | None = None):
         version = f"{negotiated.response[0]}.{negotiated.response[1]}"
         headers = request.headers
         if route.resource != "transfers":
@@ -101,13 +109,13 @@ class FspiopIngress:
             return handler.work_for(route, request, body, version)
         template = route.template
         if template == "/transfers" and route.method == "POST":
-            return self.transfers.prepare(headers, request.body, body, version)
+            return self.transfers.prepare(headers, request.body, body, version, received_at=received)
         transfer_id = route.params.get("ID", "")
         if template == "/transfers/{ID}" and route.method == "PUT":
             self.transfers.check_fulfil(body, version)
-            return self.transfers.fulfil(headers, request.body, body, transfer_id, version)
+            return self.transfers.fulfil(headers, request.body, body, transfer_id, version, received_at=received)
         if template == "/transfers/{ID}/error" and route.method == "PUT":
-            return self.transfers.reject(headers, request.body, body, transfer_id, version)
+            return self.transfers.reject(headers, request.body, body, transfer_id, version, received_at=received)
         if template == "/transfers/{ID}" and route.method == "GET":
             return self.transfers.get(headers, transfer_id, version)
         # PATCH /transfers/{ID} goes from the hub to payees, never the other way (RULES.md 4).
@@ -164,6 +172,10 @@ class IngressWorker:
     def stats(self) -> dict:
         return dict(self._stats)
 
+    def metrics_snapshot(self) -> dict:
+        """This process's metrics, for the hub's aggregated scrape (cluster/metrics_hub.py)."""
+        return metrics.process_snapshot()
+
     def _run_thread(self) -> None:
         import uvloop
 
@@ -178,11 +190,15 @@ class IngressWorker:
         import ray
 
         from actors.ray_shard import shard_actor_name
+        from api.fspiop.agreement import AgreementHandler, QuoteLinkCheck, RequestStore
         from api.fspiop.directory import ParticipantDirectory
+        from api.fspiop.lookup import LookupCallbacks, ParticipantsHandler, PartiesHandler
+        from api.fspiop.oracle import OracleRegistry
         from api.fspiop.transfers import TransferNotifier, TransfersHandler
         from cluster.ledger_client import LedgerClient, ShardBatcher
 
         s = self.settings
+        metrics.configure(participants_max=s.get("metrics_participants_max", 500))
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         pool = await asyncpg.create_pool(s["dsn"], min_size=1, max_size=s.get("pool_size", 4), command_timeout=60)
@@ -204,8 +220,27 @@ class IngressWorker:
             for shard_id in handles
         }
         transfers = TransfersHandler(directory=directory, batchers=batchers, notifier=notifier, pool=pool,
-                                     hub_name=s["hub_name"], allow_on_us=s.get("allow_on_us", False))
-        ingress = FspiopIngress(transfers)
+                                     hub_name=s["hub_name"], allow_on_us=s.get("allow_on_us", False),
+                                     quote_check=QuoteLinkCheck(pool, s.get("transfer_quote_check", "off")))
+        resources: dict = {}
+        # Account lookup (docs/LOOKUP.md): the oracle registry cached here, callbacks through the shared delivery.
+        oracles = OracleRegistry(pool, refresh_ms=s.get("oracle_refresh_ms", 1_000),
+                                 timeout_ms=s.get("oracle_timeout_ms", 3_000),
+                                 connections_max=s.get("oracle_connections_max", 16))
+        await oracles.start()
+        lookup_parts = dict(directory=directory, registry=oracles,
+                            callbacks=LookupCallbacks(notifier.endpoints, notifier.dispatcher, hub_name=s["hub_name"]))
+        resources["parties"] = PartiesHandler(fanout_max=s.get("lookup_fanout_max", 10), **lookup_parts)
+        resources["participants"] = ParticipantsHandler(**lookup_parts)
+        # Quotes, transaction requests, authorizations, transactions (docs/AGREEMENT.md): relayed and stored here.
+        agreement_store = RequestStore(pool, batch_max=s.get("agreement_batch_max", 256),
+                                       queue_max=s.get("agreement_queue_max", 10_000),
+                                       flushes_max=s.get("agreement_flushes_max", 2))
+        agreement = AgreementHandler(directory=directory, endpoints=notifier.endpoints, dispatcher=notifier.dispatcher,
+                                     pool=pool, hub_name=s["hub_name"], store=agreement_store)
+        for resource in ("quotes", "transactionRequests", "authorizations", "transactions"):
+            resources[resource] = agreement
+        ingress = FspiopIngress(transfers, resources=resources)
         server = HttpServer(ingress.handle, s.get("host", "127.0.0.1"), s["port"], reuse_port=True,
                             too_large_response=lambda status: _error_response(FspiopError(3104)))
         self.port = await server.start()
@@ -228,5 +263,6 @@ class IngressWorker:
             await ingress.drain()
             await notifier.dispatcher.drain(5.0)
             await notifier.close()
+            await oracles.stop()
             await directory.stop()
             await pool.close()

@@ -36,7 +36,15 @@ import asyncpg
 import orjson
 
 from actors.position_shard import Overloaded
-from api.fspiop.callbacks import CallbackDispatcher, CallbackMetrics, EndpointDirectory, forward_headers, hub_headers
+from api.fspiop.callbacks import (
+    CallbackDispatcher,
+    CallbackMetrics,
+    EndpointDirectory,
+    Outcome,
+    forward_headers,
+    hub_headers,
+)
+from cluster import metrics
 from cluster.ledger_client import ShardUnavailable
 from core.errors import FspiopError, normalise_error_code
 from core.ledger import TransferState
@@ -106,7 +114,8 @@ class TransferNotifier:
     # ------------------------------------------------------------------ building blocks
 
     async def _send(
-        self, fsp: str, endpoint_type: str, transfer_id: str, method: str, headers, body: bytes, kind: str
+        self, fsp: str, endpoint_type: str, transfer_id: str, method: str, headers, body: bytes, kind: str,
+        on_outcome=None,
     ) -> bool:
         # resolve(): a DFSP whose endpoints were registered a moment ago is found after one reload.
         url = await self.endpoints.resolve(
@@ -114,11 +123,14 @@ class TransferNotifier:
         )
         if url is None:
             log.warning("no %s endpoint for %s: %s callback for %s not sent", endpoint_type, fsp, kind, transfer_id)
+            if on_outcome is not None:
+                on_outcome(Outcome.FAILED)  # the flow ends here, unsuccessfully (docs/METRICS.md)
             return False
-        return self.dispatcher.send(fsp, method, url, headers, body, kind=kind)
+        return self.dispatcher.send(fsp, method, url, headers, body, kind=kind, on_outcome=on_outcome)
 
     async def error(
-        self, fsp: str, transfer_id: str, code: int, description: str | None, *, version: str = "1.1", extensions=()
+        self, fsp: str, transfer_id: str, code: int, description: str | None, *, version: str = "1.1", extensions=(),
+        on_outcome=None,
     ) -> bool:
         """A hub-originated ``PUT /transfers/{ID}/error``."""
         uri = f"/transfers/{transfer_id}/error"
@@ -127,9 +139,9 @@ class TransferNotifier:
         )
         # Descriptions from the desk are already rendered ("Generic validation error - ..."): verbatim.
         body = orjson.dumps(FspiopError(code, extensions=extensions, description=description or None).to_body())
-        return await self._send(fsp, TRANSFER_ERROR, transfer_id, "PUT", headers, body, "transfer_error")
+        return await self._send(fsp, TRANSFER_ERROR, transfer_id, "PUT", headers, body, "transfer_error", on_outcome)
 
-    async def state(self, fsp: str, record: TransferRecord, *, method: str = "PUT") -> bool:
+    async def state(self, fsp: str, record: TransferRecord, *, method: str = "PUT", on_outcome=None) -> bool:
         """The transfer's state from the hub: a GET answer, a duplicate resend, a commit notification."""
         uri = f"/transfers/{record.transfer_id}"
         headers = hub_headers(
@@ -137,7 +149,7 @@ class TransferNotifier:
         )
         body = orjson.dumps(state_body(record, patch=method == "PATCH"))
         kind = "transfer_patch" if method == "PATCH" else "transfer_put"
-        return await self._send(fsp, TRANSFER_PUT, record.transfer_id, method, headers, body, kind)
+        return await self._send(fsp, TRANSFER_PUT, record.transfer_id, method, headers, body, kind, on_outcome)
 
     async def forward(
         self,
@@ -148,16 +160,19 @@ class TransferNotifier:
         incoming_headers: dict,
         body: bytes,
         kind: str,
+        on_outcome=None,
     ) -> bool:
         """A DFSP's message passed on unchanged (its signature still verifies)."""
         return await self._send(
-            fsp, endpoint_type, transfer_id, method, forward_headers(incoming_headers, method=method), body, kind
+            fsp, endpoint_type, transfer_id, method, forward_headers(incoming_headers, method=method), body, kind,
+            on_outcome,
         )
 
     # ------------------------------------------------------------------ decisions
 
     async def expired(self, record: TransferRecord) -> None:
         """The expiry timer aborted a reserved transfer: 3303 to both (RULES.md 6.4)."""
+        metrics.count_result(record.payer, record.payee, "expired")
         for fsp in (record.payer, record.payee):
             await self.error(fsp, record.transfer_id, 3303, "Transfer expired", version=record.version)
 
@@ -191,6 +206,7 @@ class TransfersHandler:
         completed_future_tolerance_ms: int = 200,
         completed_max_age_ms: int = 300_000,
         clock_ms=None,
+        quote_check=None,
     ):
         self.directory = directory
         self.batchers = batchers
@@ -201,6 +217,9 @@ class TransfersHandler:
         self.completed_future_tolerance_ms = completed_future_tolerance_ms
         self.completed_max_age_ms = completed_max_age_ms
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        # Links a prepare to the quote it pays (api/fspiop/agreement.py QuoteLinkCheck, docs/AGREEMENT.md):
+        # an async callable of the body answering None or (error code, description).
+        self.quote_check = quote_check
         self._requests = itertools.count()
         self._prefix = uuid.uuid4().hex[:12]
 
@@ -222,7 +241,11 @@ class TransfersHandler:
 
     # ------------------------------------------------------------------ POST /transfers
 
-    async def prepare(self, headers: dict, raw_body: bytes, body: dict, version: str) -> None:
+    async def prepare(
+        self, headers: dict, raw_body: bytes, body: dict, version: str, *, received_at: float | None = None
+    ) -> None:
+        """``received_at`` (perf_counter) starts the prepare flow's clock (moja_tx_transfer_prepare)."""
+        timer = metrics.prepare_timer(received_at)
         transfer_id = body["transferId"]
         source = headers.get("fspiop-source", "")
         payer_name, payee_name = body["payerFsp"], body["payeeFsp"]
@@ -237,10 +260,22 @@ class TransfersHandler:
             problem, payer, payee = await self._check_prepare(source, body, expires_at_ms, amount)
         if problem is not None:
             # Central-ledger answers every prepare validation failure with 3100 and the reasons.
+            metrics.count_prepare(payer.name if payer is not None else None, "invalid")
             await self.notifier.error(
-                source, transfer_id, 3100, f"Generic validation error - {problem}", version=version
+                source, transfer_id, 3100, f"Generic validation error - {problem}", version=version, on_outcome=timer
             )
             return
+        if self.quote_check is not None:
+            refusal = await self.quote_check(body)
+            # A transfer already prepared goes on to the shard, whose duplicate check answers it (its quote
+            # may have expired since).
+            if refusal is not None and not await self.pool.fetchval(
+                "SELECT true FROM transfer WHERE transfer_id = $1", transfer_id
+            ):
+                metrics.count_prepare(payer_name, "invalid")
+                await self.notifier.error(source, transfer_id, refusal[0], refusal[1], version=version,
+                                          on_outcome=timer)
+                return
         command = pb.Command(
             prepare_transfer=pb.PrepareTransfer(
                 transfer_id=transfer_id,
@@ -257,17 +292,20 @@ class TransfersHandler:
                 request_id=self._request_id(),
             )
         )
-        result = await self._submit(payer.shard_id, command, transfer_id, sender=source)
+        result = await self._submit(payer.shard_id, command, transfer_id, sender=source, payer=payer_name,
+                                    on_outcome=timer)
         if result is None:
             return
         verdict = result.outcome
+        metrics.count_prepare(payer_name, _PREPARE_OUTCOMES.get(verdict, "duplicate"))
         if verdict == "RESERVED":
             await self.notifier.forward(
-                payee_name, TRANSFER_POST, transfer_id, "POST", headers, raw_body, "transfer_post"
+                payee_name, TRANSFER_POST, transfer_id, "POST", headers, raw_body, "transfer_post", on_outcome=timer
             )
         elif verdict == "REFUSED":
             await self.notifier.error(
-                payer_name, transfer_id, result.error_code, result.error_description, version=version
+                payer_name, transfer_id, result.error_code, result.error_description, version=version,
+                on_outcome=timer,
             )
         elif verdict == "RESEND":
             await self.notifier.state(source, _record_of(result.transfer))
@@ -304,7 +342,11 @@ class TransfersHandler:
 
     # ------------------------------------------------------------------ PUT /transfers/{ID}
 
-    async def fulfil(self, headers: dict, raw_body: bytes, body: dict, transfer_id: str, version: str) -> None:
+    async def fulfil(
+        self, headers: dict, raw_body: bytes, body: dict, transfer_id: str, version: str, *,
+        received_at: float | None = None,
+    ) -> None:
+        """``received_at`` (perf_counter) starts the fulfil flow's clock (moja_tx_transfer_fulfil)."""
         source = headers.get("fspiop-source", "")
         destination = headers.get("fspiop-destination", "")
         state = body.get("transferState")
@@ -346,15 +388,20 @@ class TransfersHandler:
         verdict = result.outcome
         record = _record_of(result.transfer) if result.HasField("transfer") else None
         if verdict == "COMMITTED":
+            metrics.count_result(record.payer, record.payee, "committed")
+            # The flow ends with the callback that tells the payer (the PATCH to the payee is not timed).
+            timer = metrics.fulfil_timer(received_at, record.created_ms)
             if record.reserved_mode:
-                await self.notifier.state(record.payer, record)
+                await self.notifier.state(record.payer, record, on_outcome=timer)
                 await self.notifier.state(record.payee, record, method="PATCH")
             else:
                 await self.notifier.forward(
-                    record.payer, TRANSFER_PUT, transfer_id, "PUT", headers, raw_body, "transfer_put"
+                    record.payer, TRANSFER_PUT, transfer_id, "PUT", headers, raw_body, "transfer_put", on_outcome=timer
                 )
         elif verdict == "ABORTED":
-            await self._aborted_by_fulfil(record, result)
+            metrics.count_result(record.payer, record.payee, "expired" if result.error_code == 3303 else "aborted")
+            await self._aborted_by_fulfil(record, result, on_outcome=metrics.fulfil_timer(received_at,
+                                                                                         record.created_ms))
         elif verdict == "RESEND" and record.state is TransferState.ABORTED and not record.fulfilment \
                 and record.error_code:
             # Aborted before this fulfil (e.g. the expiry timer): the payee hears why (RULES.md 6.4).
@@ -365,9 +412,10 @@ class TransfersHandler:
         elif verdict in ("MODIFIED", "UNKNOWN", "WRONG_SENDER"):
             await self.notifier.error(source, transfer_id, result.error_code, result.error_description, version=version)
 
-    async def _aborted_by_fulfil(self, record: TransferRecord, result) -> None:
+    async def _aborted_by_fulfil(self, record: TransferRecord, result, on_outcome=None) -> None:
         code, description = result.error_code, result.error_description
-        await self.notifier.error(record.payer, record.transfer_id, code, description, version=record.version)
+        await self.notifier.error(record.payer, record.transfer_id, code, description, version=record.version,
+                                  on_outcome=on_outcome)
         if code != 3303 and record.reserved_mode:
             await self.notifier.state(record.payee, record, method="PATCH")
         else:
@@ -375,7 +423,11 @@ class TransfersHandler:
 
     # ------------------------------------------------------------------ PUT /transfers/{ID}/error
 
-    async def reject(self, headers: dict, raw_body: bytes, body: dict, transfer_id: str, version: str) -> None:
+    async def reject(
+        self, headers: dict, raw_body: bytes, body: dict, transfer_id: str, version: str, *,
+        received_at: float | None = None,
+    ) -> None:
+        """The payee's refusal; like a fulfil, its flow runs until the payer has been told."""
         source = headers.get("fspiop-source", "")
         destination = headers.get("fspiop-destination", "")
         info = body["errorInformation"]
@@ -403,8 +455,10 @@ class TransfersHandler:
         verdict = result.outcome
         if verdict == "ABORTED":
             record = _record_of(result.transfer)
+            metrics.count_result(record.payer, record.payee, "aborted")
             await self.notifier.forward(
-                record.payer, TRANSFER_ERROR, transfer_id, "PUT", headers, raw_body, "transfer_error"
+                record.payer, TRANSFER_ERROR, transfer_id, "PUT", headers, raw_body, "transfer_error",
+                on_outcome=metrics.fulfil_timer(received_at, record.created_ms),
             )
         elif verdict in ("UNKNOWN", "WRONG_SENDER"):
             await self.notifier.error(source, transfer_id, result.error_code, result.error_description, version=version)
@@ -434,17 +488,23 @@ class TransfersHandler:
 
     # ------------------------------------------------------------------ routing to shards
 
-    async def _submit(self, shard_id: int, command: pb.Command, transfer_id: str, *, sender: str = ""):
+    async def _submit(self, shard_id: int, command: pb.Command, transfer_id: str, *, sender: str = "",
+                      payer: str | None = None, on_outcome=None):
+        """``payer`` and ``on_outcome`` (prepares only): count and time a prepare the shard did not decide."""
         try:
             return await self.batchers[shard_id].submit(command)
         except Overloaded:
             # Nothing was applied (the shard refuses before its apply loop): say so, 2005.
             log.warning("transfer %s: shard %s overloaded", transfer_id, shard_id)
+            if payer is not None:
+                metrics.count_prepare(payer, "busy")
             if sender:
-                await self.notifier.error(sender, transfer_id, 2005, "Server busy - retry later")
+                await self.notifier.error(sender, transfer_id, 2005, "Server busy - retry later", on_outcome=on_outcome)
         except ShardUnavailable as error:
             # Unknown outcome: no callback claims anything; the DFSP learns the state with a GET.
             log.error("transfer %s: %s", transfer_id, error)
+            if payer is not None:
+                metrics.count_prepare(payer, "unavailable")
         return None
 
     async def _payer_of(self, transfer_id: str, *, hint: str):
@@ -468,6 +528,11 @@ class TransfersHandler:
         return result or _unknown()
 
 
+# What the payer's shard decided about a prepare, as the outcome label of rayloop_transfer_prepares_total;
+# any other verdict (RESEND, MODIFIED, IGNORE) is a duplicate of a prepare already counted.
+_PREPARE_OUTCOMES = {"RESERVED": "reserved", "REFUSED": "refused"}
+
+
 def _unknown():
     return pb.CommandResult(outcome="UNKNOWN", error_code=3208, error_description="Transfer ID not found")
 
@@ -484,7 +549,7 @@ def _record_of(view: pb.TransferView) -> TransferRecord:
         prepare_hash="",
         payer_account_id=0,
         payee_account_id=0,
-        created_ms=0,
+        created_ms=view.created_ms,  # when the payer's shard recorded the prepare (0: unknown)
         state=TransferState(view.state),
         fulfilment=view.fulfilment or None,
         completed_ms=view.completed_ms or None,
