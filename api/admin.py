@@ -21,8 +21,10 @@ import ray
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from actors.position_shard import Overloaded
+from api.fspiop.oracle import OracleAdmin
 from api.http import Request, Response
 from cluster.ledger_client import LedgerClient, ShardUnavailable
+from cluster.settlement import onboarding_account_types
 from core.errors import error_body
 from core.fspiop_errors import ERRORS
 from core.ledger import AccountType, Outcome
@@ -160,6 +162,8 @@ class AdminApi:
         self.hub_name = hub_name
         self.shard_count = shard_count
         self.ops = ops
+        self.settlement = None  # api.settlement.SettlementApi, set by the hub: serves /v2
+        self.hub_metrics = None  # cluster.metrics_hub.HubMetrics, set by the hub: /metrics of every process
         self._routes = [
             ("GET", ("health",), self.health),
             ("GET", ("ledgerAccountTypes",), self.ledger_account_types),
@@ -189,9 +193,13 @@ class AdminApi:
             ("PUT", ("settlementModels", None), self.update_settlement_model),
             ("GET", ("metrics",), self.metrics),
         ]
+        # The ALS admin API's oracle registry (docs/LOOKUP.md).
+        self._routes += OracleAdmin(pool).routes()
 
     async def handle(self, request: Request) -> Response:
         segments = tuple(s for s in request.path.split("/") if s)
+        if segments[:1] == ("v2",) and self.settlement is not None:
+            return await self.settlement.handle(request, segments[1:])  # api/settlement.py (central-settlement)
         allowed = False
         for method, pattern, handler in self._routes:
             if len(pattern) != len(segments):
@@ -288,7 +296,10 @@ class AdminApi:
         )
 
     async def metrics(self, request: Request) -> Response:
-        """Prometheus exposition of this process's registry (central-ledger's `GET /metrics`)."""
+        """Prometheus exposition (central-ledger's `GET /metrics`): the whole hub, every ingress worker and
+        shard merged, when the hub set ``hub_metrics``; else only this process's registry."""
+        if self.hub_metrics is not None:
+            return Response(200, await self.hub_metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
         return Response(200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
 
     async def ledger_account_types(self, request: Request) -> Response:
@@ -376,6 +387,14 @@ class AdminApi:
                 )
                 for account_type in (AccountType.POSITION, AccountType.SETTLEMENT)
             ]
+            # Accounts the settlement models of this currency need besides those two (e.g. INTERCHANGE_FEE):
+            # active at once, since only settlement moves (never a DFSP's prepare) touch them.
+            for account_type in await onboarding_account_types(connection, currency):
+                account_ids.append(await connection.fetchval(
+                    "INSERT INTO account (participant_id, currency, ledger_account_type, is_active)"
+                    " VALUES ($1, $2, $3, true) RETURNING account_id",
+                    row["participant_id"], currency, account_type,
+                ))
         await self._run(row["shard_id"], [pb.Command(load_account=pb.LoadAccount(account_id=a)) for a in account_ids])
         participant = await self._participant(name)
         return _json(

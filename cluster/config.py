@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from actors.position_shard import ShardSettings
+from cluster.settlement import SettlementSettings
 
 
 def _env_int(name: str, default: int) -> int:
@@ -46,16 +47,35 @@ class HubConfig:
     # Retries of a call whose outcome is unknown (the actor died): 12 with backoff capped at 1 s span
     # about 10 s, longer than a shard takes to restart and rebuild.
     actor_call_retries: int = 12
+    # Account lookup (docs/LOOKUP.md): oracle registry reload period per ingress, one external oracle call,
+    # connections per external oracle, and how many FSPs one GET /parties is forwarded to at most.
+    oracle_refresh_ms: int = 1_000
+    oracle_timeout_ms: int = 3_000
+    oracle_connections_max: int = 16
+    lookup_fanout_max: int = 10
+    # Transfers checked against the quotes the hub relayed (docs/AGREEMENT.md): off, known or valid.
+    transfer_quote_check: str = "off"
+    # Quotes and transaction requests stored per ingress: rows per INSERT, rows waiting (then 2005), INSERTs at once.
+    agreement_batch_max: int = 256
+    agreement_queue_max: int = 10_000
+    agreement_flushes_max: int = 2
+    # Metrics (docs/METRICS.md): how long the admin /metrics waits for each process, and how many
+    # participants get a label of their own per process (the rest share "other").
+    metrics_scrape_timeout_ms: int = 2_000
+    metrics_participants_max: int = 500
     shard: ShardSettings = field(default_factory=lambda: ShardSettings(dsn=""))
+    # RAYLOOP_SETTLEMENT_TICK_MS, _SCAN_MAX, _BATCH_MAX, _CLOSE_WAIT_MS, _AGGREGATE_LATE_MS (docs/SETTLEMENT.md)
+    settlement: SettlementSettings = field(default_factory=SettlementSettings)
 
     @classmethod
     def from_env(cls, **overrides) -> HubConfig:
         shard_values = {
             f.name: _env_int(f"RAYLOOP_SHARD_{f.name.upper()}", f.default)
             for f in fields(ShardSettings)
-            if f.name not in ("dsn", "hub_name")
+            if f.name not in ("dsn", "hub_name", "metrics_participants_max")
         }
         shard_values["hub_name"] = _env_str("RAYLOOP_HUB_NAME", "Hub")
+        shard_values["metrics_participants_max"] = _env_int("RAYLOOP_METRICS_PARTICIPANTS_MAX", 500)
         values = dict(
             database_url=os.environ.get("RAYLOOP_DATABASE_URL") or None,
             data_dir=Path(_env_str("RAYLOOP_DATA_DIR", ".rayloop")),
@@ -80,7 +100,22 @@ class HubConfig:
             actor_call_timeout_ms=_env_int("RAYLOOP_ACTOR_CALL_TIMEOUT_MS", 30_000),
             shard_ping_interval_ms=_env_int("RAYLOOP_SHARD_PING_INTERVAL_MS", 1_000),
             actor_call_retries=_env_int("RAYLOOP_ACTOR_CALL_RETRIES", 12),
+            oracle_refresh_ms=_env_int("RAYLOOP_ORACLE_REFRESH_MS", 1_000),
+            oracle_timeout_ms=_env_int("RAYLOOP_ORACLE_TIMEOUT_MS", 3_000),
+            oracle_connections_max=_env_int("RAYLOOP_ORACLE_CONNECTIONS_MAX", 16),
+            lookup_fanout_max=_env_int("RAYLOOP_LOOKUP_FANOUT_MAX", 10),
+            transfer_quote_check=_env_str("RAYLOOP_TRANSFER_QUOTE_CHECK", "off").lower(),
+            agreement_batch_max=_env_int("RAYLOOP_AGREEMENT_BATCH_MAX", 256),
+            agreement_queue_max=_env_int("RAYLOOP_AGREEMENT_QUEUE_MAX", 10_000),
+            agreement_flushes_max=_env_int("RAYLOOP_AGREEMENT_FLUSHES_MAX", 2),
+            metrics_scrape_timeout_ms=_env_int("RAYLOOP_METRICS_SCRAPE_TIMEOUT_MS", 2_000),
+            metrics_participants_max=_env_int("RAYLOOP_METRICS_PARTICIPANTS_MAX", 500),
             shard=ShardSettings(dsn="", **shard_values),
+            settlement=SettlementSettings(**{
+                f.name: _env_int(f"RAYLOOP_SETTLEMENT_{f.name.upper()}", f.default) for f in fields(SettlementSettings)
+            }),
         )
         values.update(overrides)
+        if values["transfer_quote_check"] not in ("off", "known", "valid"):
+            raise ValueError("RAYLOOP_TRANSFER_QUOTE_CHECK must be off, known or valid")
         return cls(**values)

@@ -18,10 +18,13 @@ from api.admin import AdminApi
 from api.fspiop.ingress import IngressWorker
 from api.http import HttpServer
 from api.ops_grpc import OpsService, start_ops_server
+from api.settlement import SettlementApi
 from cluster.config import HubConfig
 from cluster.db import create_pool, migrate
 from cluster.ledger_client import LedgerClient
+from cluster.metrics_hub import HubMetrics, ray_sources
 from cluster.postgres import EmbeddedPostgres
+from cluster.settlement import SettlementService
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class Hub:
         self.handles: dict[int, object] = {}
         self.ingress: list = []
         self._watchdog: asyncio.Task | None = None
+        self.settlement: SettlementService | None = None  # windows, settlements, post-commit moves
         self.fspiop_port = 0
 
     @property
@@ -60,7 +64,8 @@ class Hub:
         await self._bootstrap()
 
         self._init_ray()
-        settings = dataclasses.replace(config.shard, dsn=self.database_url, hub_name=config.hub_name)
+        settings = dataclasses.replace(config.shard, dsn=self.database_url, hub_name=config.hub_name,
+                                       metrics_participants_max=config.metrics_participants_max)
         self.handles = {
             shard_id: start_shard_actor(shard_id, settings, config.ray_namespace)
             for shard_id in range(config.shard_count)
@@ -75,6 +80,13 @@ class Hub:
         ops = OpsService(self.pool, self.ledger)
         self.ops_server, self.ops_port = await start_ops_server(ops, config.ops_grpc_host, config.ops_grpc_port)
         admin = AdminApi(self.pool, self.ledger, hub_name=config.hub_name, shard_count=config.shard_count, ops=ops)
+        # GET /metrics on the admin port: every ingress worker's and shard's metrics, merged (docs/METRICS.md).
+        admin.hub_metrics = HubMetrics(ray_sources(self.ingress, self.handles),
+                                       timeout_ms=config.metrics_scrape_timeout_ms)
+        self.settlement = SettlementService(self.pool, self.ledger, hub_name=config.hub_name,
+                                            settings=config.settlement)
+        self.settlement.start()
+        admin.settlement = SettlementApi(self.pool, self.settlement)
         self.admin_server = HttpServer(admin.handle, config.admin_host, config.admin_port)
         await self.admin_server.start()
         log.info(
@@ -106,7 +118,12 @@ class Hub:
             "callback_timeout_ms": config.callback_timeout_ms, "callback_retries": config.callback_retries,
             "callback_queue_max": config.callback_queue_max, "actor_call_timeout_ms": config.actor_call_timeout_ms,
             "actor_call_retries": config.actor_call_retries,
+            "oracle_refresh_ms": config.oracle_refresh_ms, "oracle_timeout_ms": config.oracle_timeout_ms,
+            "oracle_connections_max": config.oracle_connections_max, "lookup_fanout_max": config.lookup_fanout_max,
+            "transfer_quote_check": config.transfer_quote_check, "agreement_batch_max": config.agreement_batch_max,
+            "agreement_queue_max": config.agreement_queue_max, "agreement_flushes_max": config.agreement_flushes_max,
         }
+        worker_settings["metrics_participants_max"] = config.metrics_participants_max
         self.ingress = [
             IngressActor.options(name=f"rayloop-ingress-{i}", namespace=config.ray_namespace).remote(worker_settings)
             for i in range(config.ingress_workers)
@@ -150,6 +167,8 @@ class Hub:
             )
 
     async def stop(self) -> None:
+        if self.settlement is not None:
+            await self.settlement.stop()
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
