@@ -11,6 +11,13 @@ is stored, as with a real DFSP) and calls back ``{hub}/transfers/{ID}`` accordin
 ``Behaviour``. As a payer, ``prepare_body`` builds valid prepares (ILPv1 packet, condition from the
 payee's secret) and ``send`` sends any FSPIOP request with correct headers.
 
+Beyond transfers (``Simulator.all_endpoints`` lists every endpoint to register): each DFSP holds
+parties (``add_party``, ``sim/parties.py``) and answers lookups, quotes (``sim/quotes.py``),
+transaction requests and authorizations (``sim/requests.py``) per its ``Behaviour``; ``sim.flows``
+(``sim/flows.py``) drives whole flows as a payer or payee and awaits their outcome, also from curl
+through the control routes ``GET /{dfsp}/_pay``, ``/_request_to_pay``, ``/_register``,
+``/_endpoints`` (``sim/control.py``). docs/USE_CASES.md shows every use case.
+
 Everything inbound is recorded (bounded, or off for benchmarks) and counted per DFSP.
 """
 
@@ -35,16 +42,29 @@ import orjson
 
 from api.http import ClientPool, HttpConnectionError, HttpServer, HttpTimeout, Request, Response
 from core.fspiop_errors import ERRORS
+from sim.control import control
+from sim.fees import to_amount
+from sim.flows import Flows
 from sim.ilp import b64url_encode, build_ilp_packet, condition_of, hmac_fulfilment, make_condition, new_secret
+from sim.parties import PartyRegistry, SimParty
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MODES", "Behaviour", "Counters", "Dfsp", "Received", "Simulator", "iso_now", "main"]
 
 MODES = ("commit", "reserve", "reject", "invalid_fulfilment", "ignore")
+_CHOICES = {
+    "lookup_mode": ("answer", "ignore"),
+    "quote_mode": ("accept", "reject", "ignore"),
+    "fee_mode": ("non_disclosing", "disclosing"),
+    "request_mode": ("approve", "reject", "ignore"),
+    "authorization_mode": ("enter", "reject", "ignore"),
+}
 
 _AMOUNT = re.compile(r"^([0]|([1-9][0-9]{0,17}))([.][0-9]{0,3}[1-9])?$")  # RULES §3 Amount
 _WITH_ACCEPT = frozenset({"GET", "POST", "DELETE"})
+# FSPIOP v1.1 left these two resources at 1.0 (API Definition Table 6); every other one is at 1.1.
+_RESOURCE_VERSIONS = {"authorizations": "1.0", "transactions": "1.0"}
 _JSON = "application/json"
 
 
@@ -111,6 +131,19 @@ class Behaviour:
     (500), an HTTP status (e.g. 503), or ``"close"`` (drop the connection without an answer).
     ``version``: the transfers resource version in callback Content-Types (``"1.0"`` to test the
     hub's v1.0 guard on RESERVED). ``headers``: extra headers on every callback.
+
+    Beyond transfers (``sim/flows.py``, ``sim/quotes.py``, ``sim/requests.py``):
+
+    - as the payee FSP: ``lookup_mode`` (``answer`` from the party registry, or ``ignore``);
+      ``quote_mode`` (``accept``, ``reject`` with ``quote_error_code``, ``ignore``) with its
+      ``fee`` (payeeFspFee) and ``commission`` (payeeFspCommission), exact Decimals, and
+      ``quote_expiration_ms``; its POS/ATM's ``authorization_mode`` (``enter``, ``reject``,
+      ``ignore``), entering a wrong OTP ``otp_wrong_entries`` times before the customer's.
+    - as the payer FSP: ``fee_mode`` (``non_disclosing``, or ``disclosing``: its ``payer_fee`` goes
+      in the quote's ``fees``); ``request_mode`` for transaction requests (``approve``, ``reject``,
+      ``ignore``); the ``otp`` it issued its customers and ``otp_retries`` (retriesLeft of the first
+      authorization); ``transfer_expiration_ms`` of its prepares; ``flow_timeout_ms``, how long it
+      waits for each callback of a flow it runs.
     """
 
     mode: str = "commit"
@@ -120,6 +153,21 @@ class Behaviour:
     error_description: str | None = None  # default: the code's name from the error table
     version: str = "1.1"
     headers: dict[str, str] | None = None
+    lookup_mode: str = "answer"
+    quote_mode: str = "accept"
+    quote_error_code: str = "5101"
+    fee: Decimal = Decimal(0)
+    commission: Decimal = Decimal(0)
+    quote_expiration_ms: float = 60_000.0
+    fee_mode: str = "non_disclosing"
+    payer_fee: Decimal = Decimal(0)
+    request_mode: str = "approve"
+    otp: str = "123456"
+    otp_retries: int = 3
+    authorization_mode: str = "enter"
+    otp_wrong_entries: int = 0
+    transfer_expiration_ms: float = 30_000.0
+    flow_timeout_ms: float = 10_000.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -140,6 +188,21 @@ class Behaviour:
         major, dot, minor = self.version.partition(".")
         if not (dot and major.isdigit() and minor.isdigit()):
             raise ValueError(f"version must be major.minor, e.g. '1.1': {self.version!r}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; not {getattr(self, name)!r}")
+        self.quote_error_code = str(self.quote_error_code)
+        if not (len(self.quote_error_code) == 4 and self.quote_error_code.isdigit()):
+            raise ValueError(f"quote_error_code must be four digits: {self.quote_error_code!r}")
+        for name in ("fee", "commission", "payer_fee"):
+            setattr(self, name, to_amount(getattr(self, name), name))  # exact: str/int/Decimal, never float
+        if not (self.otp.isdigit() and 3 <= len(self.otp) <= 10):
+            raise ValueError(f"otp must be 3 to 10 digits: {self.otp!r}")
+        if self.otp_retries < 1 or self.otp_wrong_entries < 0:
+            raise ValueError("otp_retries must be >= 1 and otp_wrong_entries >= 0")
+        for name in ("quote_expiration_ms", "transfer_expiration_ms", "flow_timeout_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +244,7 @@ class Dfsp:
     secret: bytes
     counters: Counters = field(default_factory=Counters)
     awaiting_patch: dict[str, float] = field(default_factory=dict)  # transferId -> when RESERVED was sent
+    parties: PartyRegistry = field(default_factory=PartyRegistry)  # the parties it holds (sim/parties.py)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,6 +257,11 @@ class Simulator:
     ``max_recorded`` bounds the recording (oldest dropped); ``record=False`` (also settable at
     runtime) keeps nothing but counters — for benchmarks. ``max_connections`` is per hub origin for
     outbound requests; ``request_timeout_s`` bounds each of them.
+
+    ``auto_answer`` (also settable at runtime): the DFSPs answer lookups, quotes, transaction
+    requests and authorizations themselves, per their ``Behaviour`` (docs/USE_CASES.md). Off (the
+    default, so that tests playing one side by hand get no second answer), only prepares are
+    answered; callbacks a ``flows`` helper awaits are recognised either way.
     """
 
     def __init__(
@@ -206,8 +275,10 @@ class Simulator:
         max_recorded: int = 100_000,
         max_connections: int = 64,
         request_timeout_s: float = 10.0,
+        auto_answer: bool = False,
     ):
         self.hub_url = hub_url.rstrip("/")
+        self.auto_answer = auto_answer
         self.host = host
         self.port = port
         self.hub_name = hub_name
@@ -220,6 +291,7 @@ class Simulator:
         self._client = ClientPool(max_connections=max_connections, request_timeout_s=request_timeout_s)
         self._max_awaiting = max_recorded
         self.on_request: Callable[[Received], None] | None = None  # called for every inbound request
+        self.flows = Flows(self, max_links=max(max_recorded, 10_000))  # lookups, quotes, requests, payer helpers
 
     @property
     def max_recorded(self) -> int:
@@ -301,6 +373,41 @@ class Simulator:
             "FSPIOP_CALLBACK_URL_TRANSFER_PUT": f"{base}/transfers/{{{{transferId}}}}",
             "FSPIOP_CALLBACK_URL_TRANSFER_ERROR": f"{base}/transfers/{{{{transferId}}}}/error",
         }
+
+    def all_endpoints(self, name: str) -> dict[str, str]:
+        """Every callback endpoint DFSP ``name`` serves: transfers, lookups, quotes, transaction requests,
+        authorizations (the templates the hub expands; quotes and the rest are base URLs)."""
+        base = self.base_url(name)
+        party = "{{partyIdType}}/{{partyIdentifier}}"
+        sub = party + "/{{partySubIdOrType}}"
+        endpoints = self.endpoints(name)
+        for kind, template in (("PARTIES_GET", party), ("PARTIES_SUB_ID_GET", sub)):
+            endpoints[f"FSPIOP_CALLBACK_URL_{kind}"] = f"{base}/parties/{template}"
+        for prefix, resource in (("PARTIES", "parties"), ("PARTICIPANT", "participants")):
+            endpoints[f"FSPIOP_CALLBACK_URL_{prefix}_PUT"] = f"{base}/{resource}/{party}"
+            endpoints[f"FSPIOP_CALLBACK_URL_{prefix}_SUB_ID_PUT"] = f"{base}/{resource}/{sub}"
+            endpoints[f"FSPIOP_CALLBACK_URL_{prefix}_PUT_ERROR"] = f"{base}/{resource}/{party}/error"
+            endpoints[f"FSPIOP_CALLBACK_URL_{prefix}_SUB_ID_PUT_ERROR"] = f"{base}/{resource}/{sub}/error"
+        endpoints["FSPIOP_CALLBACK_URL_PARTICIPANT_BATCH_PUT"] = f"{base}/participants/{{{{requestId}}}}"
+        endpoints["FSPIOP_CALLBACK_URL_PARTICIPANT_BATCH_PUT_ERROR"] = f"{base}/participants/{{{{requestId}}}}/error"
+        for kind in ("QUOTES", "TRX_REQ_SERVICE", "AUTHORIZATIONS"):
+            endpoints[f"FSPIOP_CALLBACK_URL_{kind}"] = base
+        return endpoints
+
+    def add_party(self, dfsp: str, party: SimParty) -> SimParty:
+        """Give DFSP ``dfsp`` an account holder (answered to lookups; see ``flows.register_parties``)."""
+        return self.dfsp(dfsp).parties.add(party)
+
+    def spawn(self, coroutine: Any) -> None:
+        """Run a coroutine in the background; cancelled by ``stop``."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def send_callback(self, dfsp: Dfsp, method: str, path: str, payload: dict[str, Any],
+                            destination: str) -> bool:
+        """A callback (``PUT /quotes/{ID}``, ``PUT /parties/...``) to the hub as ``dfsp``; True when accepted."""
+        return await self._callback(dfsp, dfsp.behaviour, path, payload, destination, method=method)
 
     # ---- recording
 
@@ -421,7 +528,7 @@ class Simulator:
         *,
         source: str,
         destination: str | None = None,
-        version: str = "1.1",
+        version: str | None = None,
         headers: dict[str, str | None] | None = None,
     ) -> tuple[int, Any]:
         """Send an FSPIOP request to the hub: ``(status, parsed JSON body or None)``.
@@ -434,7 +541,9 @@ class Simulator:
         """
         method = method.upper()
         path = path if path.startswith("/") else f"/{path}"
-        media = f"application/vnd.interoperability.{_resource(path)}+json;version={version}"
+        resource = _resource(path)
+        version = version or _RESOURCE_VERSIONS.get(resource, "1.1")
+        media = f"application/vnd.interoperability.{resource}+json;version={version}"
         defaults: list[tuple[str, str]] = [("Content-Type", media)]
         if method in _WITH_ACCEPT:
             defaults.append(("Accept", media))
@@ -484,6 +593,10 @@ class Simulator:
         method = request.method
         if method == "GET" and sub_path == "/_prepare":
             return self._example_prepare(name, request)
+        if method == "GET" and sub_path.startswith("/_"):
+            answer = await control(self, name, sub_path, request)  # sim/control.py: flows for curl users
+            if answer is not None:
+                return answer
         body = _parse_object(request.body)
         received = Received(name, method, sub_path, request.headers, body, time.monotonic())
         if self.record:
@@ -510,6 +623,9 @@ class Simulator:
         if behaviour.fail_http is not False:
             counters.http_failures += 1
             return await self._fail(request, behaviour.fail_http)
+        if kind != "prepare" and (method == "PUT" or not rest.startswith("transfers")):
+            # Lookups, quotes, transaction requests, authorizations, and the callbacks a flow awaits.
+            self.flows.inbound(dfsp, received)
         if kind == "prepare":
             task = asyncio.get_running_loop().create_task(self._answer_prepare(dfsp, behaviour, received))
             self._tasks.add(task)
@@ -566,6 +682,7 @@ class Simulator:
             dfsp.counters.malformed += 1
             log.warning("sim %s: prepare without a usable transferId", dfsp.name)
             return
+        linked_request = self.flows.on_prepare(dfsp, body)  # a transfer paying a transaction request?
         if behaviour.mode == "ignore":
             return
         if behaviour.delay_ms > 0:
@@ -595,13 +712,21 @@ class Simulator:
                     del awaiting[next(iter(awaiting))]
         if await self._callback(dfsp, behaviour, path, payload, payer):
             dfsp.counters.prepares_answered += 1
+            if linked_request is not None:
+                state = "REJECTED" if mode == "reject" else payload.get("transferState", "")
+                code = behaviour.error_code if mode == "reject" else None
+                self.flows.on_prepare_answered(dfsp, linked_request, transfer_id, state, code)
 
     async def _callback(
-        self, dfsp: Dfsp, behaviour: Behaviour, path: str, payload: dict[str, Any], destination: str
+        self, dfsp: Dfsp, behaviour: Behaviour, path: str, payload: dict[str, Any], destination: str,
+        *, method: str = "PUT",
     ) -> bool:
         """PUT a callback to the hub as ``dfsp``; True when the hub accepted it (2xx)."""
+        resource = _resource(path)
+        # behaviour.version is about transfers (the v1.0 RESERVED guard); the others speak their own.
+        version = behaviour.version if resource == "transfers" else _RESOURCE_VERSIONS.get(resource, "1.1")
         headers: list[tuple[str, str]] = [
-            ("Content-Type", f"application/vnd.interoperability.transfers+json;version={behaviour.version}"),
+            ("Content-Type", f"application/vnd.interoperability.{resource}+json;version={version}"),
             ("Date", _http_date()),
             ("FSPIOP-Source", dfsp.name),
             ("FSPIOP-Destination", destination),
@@ -609,14 +734,14 @@ class Simulator:
         if behaviour.headers:
             headers = _merge_headers(headers, behaviour.headers)
         try:
-            status, _, _ = await self._client.request("PUT", self.hub_url + path, headers, orjson.dumps(payload))
+            status, _, _ = await self._client.request(method, self.hub_url + path, headers, orjson.dumps(payload))
         except (HttpConnectionError, HttpTimeout, OSError) as exc:
             dfsp.counters.callback_failures += 1
-            log.warning("sim %s: PUT %s failed: %s", dfsp.name, path, exc)
+            log.warning("sim %s: %s %s failed: %s", dfsp.name, method, path, exc)
             return False
         if not 200 <= status < 300:
             dfsp.counters.callback_failures += 1
-            log.warning("sim %s: PUT %s answered %d", dfsp.name, path, status)
+            log.warning("sim %s: %s %s answered %d", dfsp.name, method, path, status)
             return False
         return True
 
@@ -714,6 +839,42 @@ def _parse_dfsp(spec: str) -> tuple[str, Behaviour]:
     return name, behaviour
 
 
+def _parse_party(spec: str) -> tuple[str, SimParty]:
+    """``dfsp:TYPE:ID[:FULL NAME]`` -> (dfsp, SimParty)."""
+    parts = spec.split(":", 3)
+    if len(parts) < 3:
+        raise argparse.ArgumentTypeError(f"--party {spec}: expected DFSP:TYPE:ID[:FULL NAME]")
+    try:
+        if len(parts) == 4 and parts[3].strip():
+            return parts[0], SimParty.named(parts[1], parts[2], parts[3])
+        return parts[0], SimParty(parts[1], parts[2])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--party {spec}: {exc}") from None
+
+
+def _parse_setting(spec: str) -> tuple[str, str, str]:
+    """``dfsp.field=value`` -> (dfsp, field, value as text); the value is converted by ``_coerce``."""
+    target, equals, value = spec.partition("=")
+    name, dot, field_name = target.rpartition(".")
+    if not (equals and dot and name and field_name):
+        raise argparse.ArgumentTypeError(f"--set {spec}: expected DFSP.FIELD=VALUE")
+    if field_name not in {item.name for item in fields(Behaviour)} or field_name in ("headers", "fail_http"):
+        raise argparse.ArgumentTypeError(f"--set {spec}: no settable Behaviour field {field_name!r}")
+    return name, field_name, value
+
+
+def _coerce(field_name: str, value: str) -> Any:
+    """A command-line value as the Behaviour field's type (money stays text: Behaviour makes it a Decimal)."""
+    default = getattr(Behaviour(), field_name)
+    if isinstance(default, bool):
+        return value.lower() in ("1", "true", "yes")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sim.simulator",
@@ -731,15 +892,43 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME[:MODE[:DELAY_MS]]",
         help=f"a simulated DFSP; MODE one of {', '.join(MODES)} (default commit); repeatable",
     )
+    parser.add_argument(
+        "--party",
+        action="append",
+        type=_parse_party,
+        default=[],
+        metavar="DFSP:TYPE:ID[:FULL NAME]",
+        help="a party DFSP holds (answered to GET /parties), e.g. payeefsp:MSISDN:27713803912:'Zoë Ñúñez'; repeatable",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=_parse_setting,
+        default=[],
+        metavar="DFSP.FIELD=VALUE",
+        help="a Behaviour field, e.g. payeefsp.fee=1.5, payerfsp.fee_mode=disclosing, payerfsp.request_mode=reject; "
+        "repeatable",
+    )
     parser.add_argument("--no-record", action="store_true", help="keep counters only (benchmarks)")
+    parser.add_argument("--transfers-only", action="store_true",
+                        help="answer only prepares: leave lookups, quotes, transaction requests and authorizations "
+                        "unanswered (to answer them by hand)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every inbound request")
     return parser
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    simulator = Simulator(args.hub, host=args.host, port=args.port, hub_name=args.hub_name, record=not args.no_record)
+    simulator = Simulator(args.hub, host=args.host, port=args.port, hub_name=args.hub_name, record=not args.no_record,
+                          auto_answer=not args.transfers_only)
     for name, behaviour in args.dfsp:
         simulator.add_dfsp(name, behaviour)
+    try:
+        for name, party in args.party:
+            simulator.add_party(name, party)
+        for name, field_name, value in args.set:
+            simulator.set_behaviour(name, **{field_name: _coerce(field_name, value)})
+    except (KeyError, TypeError, ValueError) as problem:
+        raise SystemExit(f"python -m sim.simulator: {problem}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -751,7 +940,7 @@ async def _serve(args: argparse.Namespace) -> None:
     lines = [f"simulator on http://{args.host}:{simulator.port}, answering to {simulator.hub_url}"]
     for name in simulator.dfsps:
         lines.append(f"  {name} ({simulator.behaviour(name).mode}):")
-        lines.extend(f"    {kind:36} {url}" for kind, url in simulator.endpoints(name).items())
+        lines.extend(f"    {kind:48} {url}" for kind, url in simulator.all_endpoints(name).items())
     print("\n".join(lines), flush=True)
     if args.verbose:
         simulator.on_request = _print_request
