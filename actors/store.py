@@ -200,14 +200,15 @@ class ShardStore:
                 await connection.execute(
                     "UPDATE transfer AS t SET state = u.state, fulfilment = u.fulfilment, fulfil_hash = u.fulfil_hash,"
                     " completed_at_ms = u.completed, reserved_mode = u.reserved_mode, error_code = u.error_code,"
-                    " error_description = u.error_description"
+                    " error_description = u.error_description, fulfil_request_id = u.fulfil_request_id"
                     " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::boolean[],"
-                    " $7::integer[], $8::text[])"
+                    " $7::integer[], $8::text[], $9::text[])"
                     " AS u(transfer_id, state, fulfilment, fulfil_hash, completed, reserved_mode, error_code,"
-                    " error_description) WHERE t.transfer_id = u.transfer_id",
+                    " error_description, fulfil_request_id) WHERE t.transfer_id = u.transfer_id",
                     [r.transfer_id for r in rows], [str(r.state) for r in rows], [r.fulfilment for r in rows],
                     [r.fulfil_hash for r in rows], [r.completed_ms for r in rows], [r.reserved_mode for r in rows],
                     [r.error_code for r in rows], [r.error_description for r in rows],
+                    [r.fulfil_request_id for r in rows],
                 )
 
     async def load_transfers(self, desk: TransferDesk, *, window: int) -> None:
@@ -268,7 +269,7 @@ class ShardStore:
 _TRANSFER_COLUMNS = (
     "transfer_id", "shard_id", "payer", "payee", "currency", "amount", "condition", "expires_at_ms", "prepare_hash",
     "payer_account_id", "payee_account_id", "state", "fulfilment", "fulfil_hash", "completed_at_ms", "reserved_mode",
-    "error_code", "error_description", "version", "created_at_ms",
+    "error_code", "error_description", "version", "created_at_ms", "prepare_request_id", "fulfil_request_id",
 )
 _TRANSFER_SELECT = ", ".join(c for c in _TRANSFER_COLUMNS if c != "shard_id")
 
@@ -278,6 +279,7 @@ def _transfer_row(shard: int, r: TransferRecord) -> tuple:
         r.transfer_id, shard, r.payer, r.payee, r.currency, to_decimal(r.amount_minor), r.condition, r.expires_at_ms,
         r.prepare_hash, r.payer_account_id, r.payee_account_id, str(r.state), r.fulfilment, r.fulfil_hash,
         r.completed_ms, r.reserved_mode, r.error_code, r.error_description, r.version, r.created_ms,
+        r.prepare_request_id, r.fulfil_request_id,
     )
 
 
@@ -290,6 +292,7 @@ def _transfer_from_row(row: asyncpg.Record) -> TransferRecord:
         state=TransferState(row["state"]), fulfilment=row["fulfilment"], fulfil_hash=row["fulfil_hash"],
         completed_ms=row["completed_at_ms"], reserved_mode=row["reserved_mode"], error_code=row["error_code"],
         error_description=row["error_description"], version=row["version"],
+        prepare_request_id=row["prepare_request_id"], fulfil_request_id=row["fulfil_request_id"],
     )
 
 

@@ -302,3 +302,53 @@ def test_forgotten_transfers_are_still_duplicates(database_url):
             await cluster.stop()
 
     uvloop.run(scenario())
+
+
+def test_a_repeated_call_after_a_restart_gets_the_decision_not_a_duplicate(database_url):
+    """The ingress repeats a call whose reply was lost when the shard died after the change was durable.
+
+    The restarted shard must recognise its own request (by the ingress's request id, kept in Postgres) and
+    answer the decision (RESERVED, COMMITTED), so the ingress forwards the prepare and tells the payer; a DFSP's
+    repeat of the same message (another request id) is still a duplicate."""
+    import base64
+    import hashlib
+
+    async def scenario():
+        ids = await _seed(database_url)
+        cluster = Cluster(database_url)
+        try:
+            await _fund_payer(cluster, ids, deposit="100", cap="100")
+            fulfilment = base64.urlsafe_b64encode(b"f" * 32).rstrip(b"=").decode()
+            condition = base64.urlsafe_b64encode(hashlib.sha256(b"f" * 32).digest()).rstrip(b"=").decode()
+            transfer_id = str(uuid.uuid4())
+            prepare = pb.Command(prepare_transfer=pb.PrepareTransfer(
+                transfer_id=transfer_id, payer="payer", payee="payee", currency="XTS",
+                amount_minor=str(parse_amount("7")), condition=condition,
+                expires_at_ms=cluster.shards[0]._clock_ms() + 60_000, prepare_hash="h", version="1.1",
+                payer_account_id=ids["payer.POSITION"], payee_account_id=ids["payee.POSITION"],
+                request_id="ingress-a:1"))
+            fulfil = pb.Command(fulfil_transfer=pb.FulfilTransfer(
+                transfer_id=transfer_id, fulfilment=fulfilment, fulfil_hash="fh", source="payee",
+                destination="payer", request_id="ingress-a:2"))
+
+            assert (await cluster.run(0, prepare)).results[0].outcome == "RESERVED"
+            await cluster.stop()
+            cluster.restart(0)
+            cluster.restart(1)
+            assert (await cluster.run(0, prepare)).results[0].outcome == "RESERVED"  # the same call again
+            assert (await cluster.run(0, fulfil)).results[0].outcome == "COMMITTED"
+            await cluster.stop()
+            cluster.restart(0)
+            cluster.restart(1)
+            reply = await cluster.run(0, fulfil)  # the same call again, after a restart
+            assert (reply.results[0].outcome, reply.results[0].transfer.state) == ("COMMITTED", "COMMITTED")
+            fulfil.fulfil_transfer.request_id = "ingress-b:9"  # the payee sent its PUT twice
+            assert (await cluster.run(0, fulfil)).results[0].outcome == "RESEND"
+            prepare.prepare_transfer.request_id = "ingress-b:10"
+            assert (await cluster.run(0, prepare)).results[0].outcome == "RESEND"
+            await asyncio.sleep(0.1)  # the credit leg reaches the payee's shard
+            await _assert_conserved(database_url, cluster)
+        finally:
+            await cluster.stop()
+
+    uvloop.run(scenario())
