@@ -37,7 +37,9 @@ class HubConfig:
     ingress_workers: int = 1  # FSPIOP ingress processes sharing the port (SO_REUSEPORT)
     allow_on_us: bool = False  # transfers where payer and payee are the same DFSP
     ingress_batch_max: int = 256  # commands per Ray call from an ingress to a shard
-    ingress_batch_in_flight: int = 4  # Ray calls in flight per ingress and shard
+    # Ray calls in flight per ingress and shard. One: commands queue while a call is out and go as one large
+    # batch, which costs the shards a third less CPU per transfer than 4 small calls (docs/BENCHMARKS.md).
+    ingress_batch_in_flight: int = 1
     ingress_queue_max: int = 20_000  # commands waiting per ingress and shard before 2005
     callback_timeout_ms: int = 5_000
     callback_retries: int = 2
@@ -92,7 +94,7 @@ class HubConfig:
             ingress_workers=_env_int("RAYLOOP_INGRESS_WORKERS", 1),
             allow_on_us=os.environ.get("RAYLOOP_ALLOW_ON_US", "").lower() in ("1", "true", "yes"),
             ingress_batch_max=_env_int("RAYLOOP_INGRESS_BATCH_MAX", 256),
-            ingress_batch_in_flight=_env_int("RAYLOOP_INGRESS_BATCH_IN_FLIGHT", 4),
+            ingress_batch_in_flight=_env_int("RAYLOOP_INGRESS_BATCH_IN_FLIGHT", 1),
             ingress_queue_max=_env_int("RAYLOOP_INGRESS_QUEUE_MAX", 20_000),
             callback_timeout_ms=_env_int("RAYLOOP_CALLBACK_TIMEOUT_MS", 5_000),
             callback_retries=_env_int("RAYLOOP_CALLBACK_RETRIES", 2),

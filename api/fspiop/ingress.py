@@ -216,7 +216,7 @@ class IngressWorker:
                               retries=s.get("actor_call_retries", 12))
         batchers = {
             shard_id: ShardBatcher(ledger, shard_id, batch_max=s.get("batch_max", 256),
-                                   max_in_flight=s.get("batch_in_flight", 4), queue_max=s.get("queue_max", 20_000))
+                                   max_in_flight=s.get("batch_in_flight", 1), queue_max=s.get("queue_max", 20_000))
             for shard_id in handles
         }
         transfers = TransfersHandler(directory=directory, batchers=batchers, notifier=notifier, pool=pool,
