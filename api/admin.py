@@ -24,7 +24,7 @@ from actors.position_shard import Overloaded
 from api.fspiop.oracle import OracleAdmin
 from api.http import Request, Response
 from cluster.ledger_client import LedgerClient, ShardUnavailable
-from cluster.settlement import onboarding_account_types
+from cluster.settlement import SettlementError, onboarding_account_types
 from core.errors import error_body
 from core.fspiop_errors import ERRORS
 from core.ledger import AccountType, Outcome
@@ -55,6 +55,39 @@ _SETTLEMENT_MODEL_COLUMNS = (
     " currency, require_liquidity_check, ledger_account_type, settlement_account_type, auto_position_reset"
 )
 _JSON = "application/json"
+
+
+async def dispatch(routes, request: Request, segments: tuple[str, ...], *, api: str) -> Response:
+    """The handler of the first route of ``routes`` ((method, pattern, handler); None in a pattern is a path
+    parameter) that matches, its refusals and failures as FSPIOP error bodies: 404/3002 for no such path,
+    405/3000 for another method, never a bare 500. Shared by the admin API and settlement (``api`` names it
+    in the log)."""
+    allowed = False
+    for method, pattern, handler in routes:
+        if len(pattern) != len(segments):
+            continue
+        if not all(p is None or p == s for p, s in zip(pattern, segments, strict=True)):
+            continue
+        if method != request.method:
+            allowed = True
+            continue
+        args = [s for p, s in zip(pattern, segments, strict=True) if p is None]
+        try:
+            return await handler(request, *args)
+        except (AdminError, SettlementError) as error:
+            return _json(error.status, error_body(error.code, error.detail))
+        except ShardUnavailable as error:
+            log.error("%s %s %s: %s", api, request.method, request.path, error)
+            return _json(503, error_body(2003, "ledger shard unavailable, retry"))
+        except Overloaded:
+            return _json(503, error_body(2005, "ledger shard busy, retry"))
+        except (asyncpg.PostgresError, ray.exceptions.RayError) as error:
+            # Never a bare 500: an FSPIOP error body, and the cause in the log.
+            log.exception("%s %s %s failed", api, request.method, request.path)
+            return _json(500, error_body(2001, type(error).__name__))
+    if allowed:
+        return _json(405, error_body(3000, f"method {request.method} not allowed on {request.path}"))
+    return _json(404, error_body(3002, request.path))
 
 
 class AdminError(Exception):
@@ -200,32 +233,7 @@ class AdminApi:
         segments = tuple(s for s in request.path.split("/") if s)
         if segments[:1] == ("v2",) and self.settlement is not None:
             return await self.settlement.handle(request, segments[1:])  # api/settlement.py (central-settlement)
-        allowed = False
-        for method, pattern, handler in self._routes:
-            if len(pattern) != len(segments):
-                continue
-            if not all(p is None or p == s for p, s in zip(pattern, segments, strict=True)):
-                continue
-            if method != request.method:
-                allowed = True
-                continue
-            args = [s for p, s in zip(pattern, segments, strict=True) if p is None]
-            try:
-                return await handler(request, *args)
-            except AdminError as error:
-                return _json(error.status, error_body(error.code, error.detail))
-            except ShardUnavailable as error:
-                log.error("admin %s %s: %s", request.method, request.path, error)
-                return _json(503, error_body(2003, "ledger shard unavailable, retry"))
-            except Overloaded:
-                return _json(503, error_body(2005, "ledger shard busy, retry"))
-            except (asyncpg.PostgresError, ray.exceptions.RayError) as error:
-                # Never a bare 500: an FSPIOP error body, and the cause in the log.
-                log.exception("admin %s %s failed", request.method, request.path)
-                return _json(500, error_body(2001, type(error).__name__))
-        if allowed:
-            return _json(405, error_body(3000, f"method {request.method} not allowed on {request.path}"))
-        return _json(404, error_body(3002, request.path))
+        return await dispatch(self._routes, request, segments, api="admin")
 
     # ------------------------------------------------------------------ lookups
 

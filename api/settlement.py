@@ -24,13 +24,10 @@ from datetime import datetime
 from decimal import Decimal
 
 import asyncpg
-import ray
 
-from actors.position_shard import Overloaded
-from api.admin import AdminError, _choice, _currency, _iso, _json, _number, _parse_body, _require
+from api.admin import AdminError, _choice, _currency, _iso, _json, _number, _parse_body, _require, dispatch
 from api.http import Request, Response
-from cluster.ledger_client import ShardUnavailable
-from cluster.settlement import SettlementError, SettlementService
+from cluster.settlement import SettlementService
 from core.errors import error_body
 from core.ledger import AccountType
 from core.money import format_amount, from_decimal
@@ -89,33 +86,7 @@ class SettlementApi:
         ]
 
     async def handle(self, request: Request, segments: tuple[str, ...]) -> Response:
-        allowed = False
-        for method, pattern, handler in self._routes:
-            if len(pattern) != len(segments) or not all(
-                p is None or p == s for p, s in zip(pattern, segments, strict=True)
-            ):
-                continue
-            if method != request.method:
-                allowed = True
-                continue
-            args = [s for p, s in zip(pattern, segments, strict=True) if p is None]
-            try:
-                return await handler(request, *args)
-            except AdminError as error:
-                return _json(error.status, error_body(error.code, error.detail))
-            except SettlementError as error:
-                return _json(error.status, error_body(error.code, error.detail))
-            except ShardUnavailable as error:
-                log.error("settlement %s %s: %s", request.method, request.path, error)
-                return _json(503, error_body(2003, "ledger shard unavailable, retry"))
-            except Overloaded:
-                return _json(503, error_body(2005, "ledger shard busy, retry"))
-            except (asyncpg.PostgresError, ray.exceptions.RayError) as error:
-                log.exception("settlement %s %s failed", request.method, request.path)
-                return _json(500, error_body(2001, type(error).__name__))
-        if allowed:
-            return _json(405, error_body(3000, f"method {request.method} not allowed on {request.path}"))
-        return _json(404, error_body(3002, request.path))
+        return await dispatch(self._routes, request, segments, api="settlement")
 
     # ------------------------------------------------------------------ windows
 

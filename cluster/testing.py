@@ -6,7 +6,7 @@ import asyncio
 import http.client
 import json
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -157,6 +157,28 @@ class HubThread:
 
     def admin(self, method: str, path: str, body=None) -> tuple[int, object]:
         return _request(self.hub.admin_port, method, path, body)
+
+
+@contextmanager
+def module_hub(database_url: str, *, hub_accounts: tuple[str, ...] = ("XTS",), **settings):
+    """A private Ray and a ``HubThread`` for a test module, with the hub's accounts for ``hub_accounts``
+    (currencies); both are ended on exit, also when a setup step fails."""
+    import ray
+
+    start_local_ray()
+    thread = None
+    try:
+        thread = HubThread(database_url, **settings).start()
+        for currency in hub_accounts:
+            for account_type in ("HUB_MULTILATERAL_SETTLEMENT", "HUB_RECONCILIATION"):
+                status, body = thread.admin("POST", "/participants/Hub/accounts",
+                                            {"type": account_type, "currency": currency})
+                assert status == 201, body
+        yield thread
+    finally:
+        if thread is not None:
+            thread.stop()
+        ray.shutdown()
 
 
 async def onboard_dfsps(hub: Hub, sim, names: list[str], currency: str = "XTS", *, ndc: str = "10000",

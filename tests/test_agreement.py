@@ -14,11 +14,10 @@ import itertools
 import uuid
 
 import pytest
-import ray
 import uvloop
 
 from api.http import HttpServer, Response
-from cluster.testing import HubThread, assert_conserved, start_local_ray
+from cluster.testing import HubThread, assert_conserved, module_hub
 from sim.simulator import Behaviour, Simulator, iso_now
 
 CURRENCY = "XTS"
@@ -27,14 +26,9 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    start_local_ray()
-    thread = HubThread(module_database_url, shards=2, ingress_workers=1, transfer_quote_check="valid").start()
-    for account_type in ("HUB_MULTILATERAL_SETTLEMENT", "HUB_RECONCILIATION"):
-        status, body = thread.admin("POST", "/participants/Hub/accounts", {"type": account_type, "currency": CURRENCY})
-        assert status == 201, body
-    yield thread
-    thread.stop()
-    ray.shutdown()
+    with module_hub(module_database_url, hub_accounts=(CURRENCY,), shards=2, ingress_workers=1,
+                    transfer_quote_check="valid") as thread:
+        yield thread
 
 
 @pytest.fixture(autouse=True)

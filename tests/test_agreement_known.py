@@ -8,22 +8,16 @@ import asyncio
 import uuid
 
 import pytest
-import ray
 
-from cluster.testing import HubThread, assert_conserved, start_local_ray
+from cluster.testing import assert_conserved, module_hub
 from tests.test_agreement import CURRENCY, agreed_quote, error_code, pair, run, simulator, to
 
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    start_local_ray()
-    thread = HubThread(module_database_url, shards=2, ingress_workers=1, transfer_quote_check="known").start()
-    for account_type in ("HUB_MULTILATERAL_SETTLEMENT", "HUB_RECONCILIATION"):
-        status, body = thread.admin("POST", "/participants/Hub/accounts", {"type": account_type, "currency": CURRENCY})
-        assert status == 201, body
-    yield thread
-    thread.stop()
-    ray.shutdown()
+    with module_hub(module_database_url, hub_accounts=(CURRENCY,), shards=2, ingress_workers=1,
+                    transfer_quote_check="known") as thread:
+        yield thread
 
 
 @pytest.fixture(autouse=True)

@@ -16,11 +16,10 @@ import uuid
 
 import orjson
 import pytest
-import ray
 import uvloop
 
 from api.http import HttpServer, Request, Response
-from cluster.testing import HubThread, assert_conserved, start_local_ray
+from cluster.testing import HubThread, assert_conserved, module_hub
 from sim.simulator import Behaviour, Simulator
 
 CURRENCY = "XTS"
@@ -33,16 +32,10 @@ _S = _P + "/{{partySubIdOrType}}"
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    start_local_ray()
     # A short oracle registry refresh, so /oracles changes reach the ingress within the tests' waits.
-    thread = HubThread(module_database_url, shards=2, ingress_workers=1, oracle_refresh_ms=100,
-                       oracle_timeout_ms=1_000).start()
-    for account_type in ("HUB_MULTILATERAL_SETTLEMENT", "HUB_RECONCILIATION"):
-        status, body = thread.admin("POST", "/participants/Hub/accounts", {"type": account_type, "currency": CURRENCY})
-        assert status == 201, body
-    yield thread
-    thread.stop()
-    ray.shutdown()
+    with module_hub(module_database_url, hub_accounts=(CURRENCY,), shards=2, ingress_workers=1, oracle_refresh_ms=100,
+                    oracle_timeout_ms=1_000) as thread:
+        yield thread
 
 
 @pytest.fixture(autouse=True)

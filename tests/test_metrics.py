@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster import metrics
 from cluster.metrics import ParticipantLabels, process_snapshot
 from cluster.metrics_hub import MetricsMerger, _Families
-from cluster.testing import HubThread, assert_conserved, start_local_ray
+from cluster.testing import HubThread, assert_conserved, module_hub
 from sim.simulator import Behaviour, Simulator
 
 CURRENCY = "XTS"
@@ -143,14 +143,8 @@ def test_instrumentation_cost_per_transfer_is_microseconds():
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    start_local_ray()
-    thread = HubThread(module_database_url, shards=2, ingress_workers=2).start()
-    for account_type in ("HUB_MULTILATERAL_SETTLEMENT", "HUB_RECONCILIATION"):
-        status, body = thread.admin("POST", "/participants/Hub/accounts", {"type": account_type, "currency": CURRENCY})
-        assert status == 201, body
-    yield thread
-    thread.stop()
-    ray.shutdown()
+    with module_hub(module_database_url, hub_accounts=(CURRENCY,), shards=2, ingress_workers=2) as thread:
+        yield thread
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-import ray
 import uvloop
 
 from api.settlement import SettlementApi
 from cluster.settlement import SettlementSettings
-from cluster.testing import HubThread, admin, assert_conserved, onboard, onboard_dfsps, start_local_ray
+from cluster.testing import HubThread, admin, assert_conserved, module_hub, onboard, onboard_dfsps
 from sim.simulator import Simulator
 
 SPEC = Path(__file__).resolve().parent.parent / "api" / "spec" / "central-settlement-swagger.json"
@@ -52,15 +51,12 @@ def _spec_routes():
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    start_local_ray()
-    thread = HubThread(module_database_url, shards=2, ingress_workers=1,
-                       settlement=SettlementSettings(tick_ms=50)).start()
-    for model in MODELS:
-        status, body = thread.admin("POST", "/settlementModels", model)
-        assert status == 201, body
-    yield thread
-    thread.stop()
-    ray.shutdown()
+    with module_hub(module_database_url, hub_accounts=(), shards=2, ingress_workers=1,
+                    settlement=SettlementSettings(tick_ms=50)) as thread:
+        for model in MODELS:
+            status, body = thread.admin("POST", "/settlementModels", model)
+            assert status == 201, body
+        yield thread
 
 
 @pytest.fixture(autouse=True)

@@ -22,11 +22,10 @@ import random
 from decimal import Decimal
 
 import pytest
-import ray
 import uvloop
 
 from cluster.settlement import SettlementSettings
-from cluster.testing import HubThread, admin, assert_conserved, onboard, onboard_dfsps, start_local_ray
+from cluster.testing import HubThread, admin, assert_conserved, module_hub, onboard, onboard_dfsps
 from sim.simulator import Simulator
 
 A, B, C = "dfspa", "dfspb", "dfspc"
@@ -51,12 +50,9 @@ FEE_BASIS_POINTS = 100
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    start_local_ray()
-    thread = HubThread(module_database_url, shards=2, ingress_workers=1,
-                       settlement=SettlementSettings(tick_ms=50)).start()
-    yield thread
-    thread.stop()
-    ray.shutdown()
+    with module_hub(module_database_url, hub_accounts=(), shards=2, ingress_workers=1,
+                    settlement=SettlementSettings(tick_ms=50)) as thread:
+        yield thread
 
 
 def fee(amount: Decimal) -> Decimal:

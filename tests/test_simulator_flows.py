@@ -17,10 +17,9 @@ from decimal import Decimal
 
 import orjson
 import pytest
-import ray
 import uvloop
 
-from cluster.testing import HubThread, assert_conserved, start_local_ray
+from cluster.testing import HubThread, assert_conserved, module_hub
 from sim.fees import QuoteRefused, format_amount, quote_amounts
 from sim.flows import FlowError, FlowTimeout, transaction_type
 from sim.ilp import decode_ilp_packet, decode_transaction, make_condition, new_secret
@@ -205,11 +204,9 @@ def test_cli_parses_parties_and_settings():
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    start_local_ray()
-    thread = HubThread(module_database_url, shards=2, ingress_workers=1, transfer_quote_check="valid").start()
-    yield thread
-    thread.stop()
-    ray.shutdown()
+    with module_hub(module_database_url, hub_accounts=(), shards=2, ingress_workers=1,
+                    transfer_quote_check="valid") as thread:
+        yield thread
 
 
 @pytest.fixture

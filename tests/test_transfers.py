@@ -15,7 +15,7 @@ import pytest
 import ray
 import uvloop
 
-from cluster.testing import HubThread, assert_conserved, start_local_ray
+from cluster.testing import HubThread, assert_conserved, module_hub
 from sim.simulator import Behaviour, Simulator
 
 CURRENCY = "XTS"
@@ -24,14 +24,8 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    start_local_ray()
-    thread = HubThread(module_database_url, shards=2, ingress_workers=1).start()
-    for account_type in ("HUB_MULTILATERAL_SETTLEMENT", "HUB_RECONCILIATION"):
-        status, body = thread.admin("POST", "/participants/Hub/accounts", {"type": account_type, "currency": CURRENCY})
-        assert status == 201, body
-    yield thread
-    thread.stop()
-    ray.shutdown()
+    with module_hub(module_database_url, hub_accounts=(CURRENCY,), shards=2, ingress_workers=1) as thread:
+        yield thread
 
 
 @pytest.fixture(autouse=True)

@@ -17,10 +17,9 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import ray
 import uvloop
 
-from cluster.testing import HubThread, assert_conserved, start_local_ray
+from cluster.testing import HubThread, assert_conserved, module_hub
 from sim.flows import FlowError, transaction_type
 from sim.onboarding import onboard_simulated
 from sim.parties import SimParty
@@ -86,11 +85,9 @@ FAST = {"transfer_expiration_ms": 1000, "flow_timeout_ms": 3000}
 
 @pytest.fixture(scope="module")
 def hub(module_database_url):
-    start_local_ray()
-    thread = HubThread(module_database_url, shards=2, ingress_workers=1, transfer_quote_check="valid").start()
-    yield thread
-    thread.stop()
-    ray.shutdown()
+    with module_hub(module_database_url, hub_accounts=(), shards=2, ingress_workers=1,
+                    transfer_quote_check="valid") as thread:
+        yield thread
 
 
 @pytest.fixture(autouse=True)

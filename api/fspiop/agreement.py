@@ -505,7 +505,7 @@ class AgreementHandler:
 
     async def _url(self, fsp: str, resource: str, path: str) -> str | None:
         return await self.endpoints.resolve(
-            fsp, ENDPOINT_TYPES[resource], path=path, since=asyncio.get_running_loop().time()
+            fsp, ENDPOINT_TYPES[resource], path=path, since=time.monotonic()
         )
 
     async def _no_endpoint(self, resource: str, source: str, resource_id: str, receiver: str, version: str) -> None:

@@ -131,7 +131,7 @@ class EndpointDirectory:
         self._endpoints: dict[str, dict[str, _Template]] = {}
         self._task: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None  # the reload in flight, shared by all waiters
-        self._last_reload_at = float("-inf")  # loop time a reload last started
+        self._last_reload_at = float("-inf")  # time.monotonic() when a reload last started
         self.reloads = 0  # completed reloads, for tests and diagnostics
 
     async def start(self) -> None:
@@ -181,7 +181,7 @@ class EndpointDirectory:
         """Like ``url``, but on a miss waits for a reload and looks again.
 
         Without ``since``, at most one reload per ``reload_min_interval_ms`` (a storm of misses for a
-        DFSP with no endpoints costs nothing). With ``since`` (loop time), the cache is made to have
+        DFSP with no endpoints costs nothing). With ``since`` (a time.monotonic()), the cache is made to have
         been loaded after it: an endpoint registered before the caller's request is found even if a
         reload was running, or had just run, when it was registered; concurrent callers share one
         query.
@@ -191,10 +191,12 @@ class EndpointDirectory:
         if template is None and since is None:
             if not self._may_reload():
                 return None
-            since = asyncio.get_running_loop().time()
+            since = time.monotonic()
         if template is None:
             for _ in range(2):  # twice when the reload we joined had started before ``since``
-                if self._last_reload_at >= since:  # started at or after it (the clock ticks in ms)
+                # time.monotonic(), not the loop's clock: uvloop caches that per iteration in whole ms,
+                # and a reload stamped with the same ms may have queried before the endpoint existed.
+                if self._last_reload_at > since:
                     break
                 try:
                     await self.reload()
@@ -236,8 +238,7 @@ class EndpointDirectory:
     def _may_reload(self) -> bool:
         if self._reloading is not None:
             return True  # joining the reload in flight costs nothing
-        now = asyncio.get_running_loop().time()
-        return now - self._last_reload_at >= self._reload_min_interval_s
+        return time.monotonic() - self._last_reload_at >= self._reload_min_interval_s
 
     def _reload_soon(self) -> None:
         if self._task is None or self._reloading is not None or not self._may_reload():
@@ -248,7 +249,7 @@ class EndpointDirectory:
         # A finished task whose done-callback has not run yet counts as none: never join a past load.
         if self._reloading is None or self._reloading.done():
             loop = asyncio.get_running_loop()
-            self._last_reload_at = loop.time()
+            self._last_reload_at = time.monotonic()
             self._reloading = loop.create_task(self._load(), name="endpoint-reload")
             self._reloading.add_done_callback(self._reload_done)
         return self._reloading

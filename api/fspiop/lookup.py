@@ -28,7 +28,6 @@ the built-in oracle are committed in Postgres before their callback is queued.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -138,7 +137,7 @@ class LookupCallbacks:
 
     async def url(self, fsp: str, endpoint_type: str, *, fresh: bool, **params: str) -> str | None:
         """``fresh``: make sure endpoints registered before now are seen (costs a reload on a miss)."""
-        since = asyncio.get_running_loop().time() if fresh else None
+        since = time.monotonic() if fresh else None
         try:
             return await self.endpoints.resolve(fsp, endpoint_type, since=since, **params)
         except ValueError as error:  # a template naming a placeholder this message has no value for

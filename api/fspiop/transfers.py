@@ -22,7 +22,6 @@ Callback rules (RULES.md sections 5 and 6, Mojaloop-compatible):
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import hashlib
@@ -119,7 +118,7 @@ class TransferNotifier:
     ) -> bool:
         # resolve(): a DFSP whose endpoints were registered a moment ago is found after one reload.
         url = await self.endpoints.resolve(
-            fsp, endpoint_type, transferId=transfer_id, since=asyncio.get_running_loop().time()
+            fsp, endpoint_type, transferId=transfer_id, since=time.monotonic()
         )
         if url is None:
             log.warning("no %s endpoint for %s: %s callback for %s not sent", endpoint_type, fsp, kind, transfer_id)
