@@ -190,7 +190,7 @@ class IngressWorker:
         import ray
 
         from actors.ray_shard import shard_actor_name
-        from api.fspiop.agreement import AgreementHandler, QuoteLinkCheck, RequestStore
+        from api.fspiop.agreement import AgreementHandler, RequestStore
         from api.fspiop.directory import ParticipantDirectory
         from api.fspiop.lookup import LookupCallbacks, ParticipantsHandler, PartiesHandler
         from api.fspiop.oracle import OracleRegistry
@@ -221,7 +221,7 @@ class IngressWorker:
         }
         transfers = TransfersHandler(directory=directory, batchers=batchers, notifier=notifier, pool=pool,
                                      hub_name=s["hub_name"], allow_on_us=s.get("allow_on_us", False),
-                                     quote_check=QuoteLinkCheck(pool, s.get("transfer_quote_check", "off")))
+                                     quote_check=_quote_check(pool, s.get("transfer_quote_check", "off")))
         resources: dict = {}
         # Account lookup (docs/LOOKUP.md): the oracle registry cached here, callbacks through the shared delivery.
         oracles = OracleRegistry(pool, refresh_ms=s.get("oracle_refresh_ms", 1_000),
@@ -266,3 +266,11 @@ class IngressWorker:
             await oracles.stop()
             await directory.stop()
             await pool.close()
+
+
+def _quote_check(pool, mode: str):
+    """None when the check is off: a prepare then pays for no extra await at all (the hot path)."""
+    from api.fspiop.agreement import QuoteCheckMode, QuoteLinkCheck
+
+    check = QuoteLinkCheck(pool, mode)
+    return None if check.mode is QuoteCheckMode.OFF else check
