@@ -11,7 +11,7 @@ Contract
   accumulated while the previous flush ran (group commit) in one transaction, fenced on the shard's
   last durable sequence number. A ``CommandBatch`` with ``wait_durable`` is answered only after
   every change it made is durable, and after the credit legs its commits owe other shards are
-  durable there (or, past ``credit_wait_timeout_ms``, still durable in our outbox and retried).
+  durable there (or, past ``credit_wait_timeout_ms``, still durable in our outbox and being delivered).
 * **Rebuilt state**: on (re)start the book is loaded from Postgres: accounts, open reservations,
   outbox, and the newest ``dedupe_window`` finished transfers and applied credits, then the
   invariants are checked before the first command is served.
@@ -69,7 +69,10 @@ class ShardSettings:
     flush_retry_backoff_ms: int = 50
     credit_retry_ms: int = 250
     credit_batch_max: int = 2_000
+    # How long a batch's reply waits for the credit legs its commits owe other shards (0: not at all; the
+    # delivery goes on in the background and the outbox retries it), and how long one delivery may take.
     credit_wait_timeout_ms: int = 2_000
+    credit_delivery_timeout_ms: int = 5_000
     events_max: int = 100_000
     pool_size: int = 2
     flush_latency_samples: int = 256
@@ -114,6 +117,7 @@ class PositionShard:
         self._flushed: asyncio.Event | None = None
         self._account_shard: dict[int, int] = {}
         self._delivering: set[str] = set()
+        self._deliveries: set[asyncio.Task] = set()  # credit deliveries a reply stopped waiting for
         self._expired_pending: deque[tuple[int, str]] = deque()
         self.events: deque[tuple[int, str, str]] = deque(maxlen=settings.events_max)
         self._flush_ms: deque[float] = deque(maxlen=settings.flush_latency_samples)
@@ -184,9 +188,9 @@ class PositionShard:
         self._checkpoint_due = True
         self._changed.set()
         await self._wait_checkpointed()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in (*self._tasks, *self._deliveries):
+            task.cancel()  # a credit still being delivered stays owed (checkpointed) and is re-sent after a start
+        await asyncio.gather(*self._tasks, *self._deliveries, return_exceptions=True)
         if self.notifier is not None:
             await self.notifier.close()
         for key in self._gauge_keys:
@@ -264,9 +268,7 @@ class PositionShard:
             if max_seq:
                 await self._wait_durable(max_seq)
             if credits:
-                reply.credits_pending = await self._deliver_credits(
-                    credits, timeout_ms=self.settings.credit_wait_timeout_ms
-                )
+                reply.credits_pending = await self._credits_within_wait(credits)
         reply.durable_seq = self._durable_seq
         return reply.SerializeToString()
 
@@ -517,6 +519,30 @@ class PositionShard:
 
     # ------------------------------------------------------------------ credits owed to other shards
 
+    async def _credits_within_wait(self, credits: list[Credit]) -> int:
+        """Deliver credit legs, waiting up to ``credit_wait_timeout_ms``; returns how many are not yet acked.
+
+        A delivery the wait gives up on is not cancelled: it finishes in the background (its credits stay
+        in ``_delivering`` meanwhile, so the outbox round does not send them twice)."""
+        credits = self._claim(credits)
+        delivery = asyncio.ensure_future(
+            self._deliver_claimed(credits, timeout_ms=self.settings.credit_delivery_timeout_ms)
+        )
+        wait_ms = self.settings.credit_wait_timeout_ms
+        if wait_ms > 0:
+            await asyncio.wait((delivery,), timeout=wait_ms / 1000)
+        if delivery.done():
+            return delivery.result()
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(self._delivery_done)
+        return len(credits)
+
+    def _delivery_done(self, delivery: asyncio.Task) -> None:
+        self._deliveries.discard(delivery)
+        if not delivery.cancelled() and delivery.exception() is not None:
+            # The credits stay in the outbox: the next round re-sends them.
+            log.warning("shard %s: background credit delivery failed: %r", self.shard_id, delivery.exception())
+
     async def _outbox_round(self) -> None:
         """Re-send owed credit legs. Errors (a peer or Postgres away) leave them owed for the next round."""
         if not self.book.outbox:
@@ -528,12 +554,20 @@ class PositionShard:
         due = [c for c in due if c.transfer_id in self.book.outbox]
         if due:
             await self._deliver_credits(due[: self.settings.credit_batch_max],
-                                        timeout_ms=self.settings.credit_wait_timeout_ms)
+                                        timeout_ms=self.settings.credit_delivery_timeout_ms)
 
     async def _deliver_credits(self, credits: list[Credit], *, timeout_ms: int) -> int:
         """Send credit legs to their shards; returns how many are still unacknowledged."""
+        return await self._deliver_claimed(self._claim(credits), timeout_ms=timeout_ms)
+
+    def _claim(self, credits: list[Credit]) -> list[Credit]:
+        """The credits no other delivery is sending now, marked as being sent (synchronously, so two
+        deliveries never send the same credit at once)."""
         credits = [c for c in credits if c.transfer_id not in self._delivering]
         self._delivering.update(c.transfer_id for c in credits)
+        return credits
+
+    async def _deliver_claimed(self, credits: list[Credit], *, timeout_ms: int) -> int:
         try:
             by_shard: dict[int, list[Credit]] = {}
             try:

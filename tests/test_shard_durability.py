@@ -187,6 +187,42 @@ def test_expiry_releases_reservation_durably(database_url):
     uvloop.run(scenario())
 
 
+@pytest.mark.parametrize("wait_ms", [0, 1])
+def test_credits_arrive_when_commits_do_not_wait_for_them(database_url, wait_ms):
+    """credit_wait_timeout_ms 0 (or shorter than a delivery): the commit answers once it is durable and the
+    credit legs still reach the payee's shard (one delivery attempt may take credit_delivery_timeout_ms)."""
+    async def scenario():
+        ids = await _seed(database_url)
+        cluster = Cluster(database_url, credit_wait_timeout_ms=wait_ms, credit_retry_ms=60_000)
+        try:
+            await _fund_payer(cluster, ids, deposit="1000", cap="1000")
+            transfer_ids = [str(uuid.uuid4()) for _ in range(15)]
+            reply = await cluster.run(0, *(_reserve(t, ids["payer.POSITION"], ids["payee.POSITION"], "2")
+                                           for t in transfer_ids))
+            assert [r.outcome for r in reply.results] == [Outcome.OK] * 15
+            reply = await cluster.run(0, *(pb.Command(commit=pb.Commit(transfer_id=t)) for t in transfer_ids))
+            assert [r.outcome for r in reply.results] == [Outcome.OK] * 15
+            if wait_ms == 0:
+                assert reply.credits_pending == 15  # answered without waiting for shard 1
+            # Durable rows only: the live sum read shard by shard would catch a credit between apply and ack.
+            await _assert_conserved(database_url)
+            # No outbox round runs within the test (60 s): the background delivery alone brings them.
+            for _ in range(200):
+                owed = sum(parts[2] for parts in (await cluster.shards[0].totals()).values())
+                if owed == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert owed == 0, "credits still owed"
+            [payee] = (await cluster.shards[1].describe("payee"))["participants"]
+            position = next(a for a in payee["accounts"] if a["ledger_account_type"] == "POSITION")
+            assert position["value"] == "-30"  # 15 credits of 2, each applied once
+            await _assert_conserved(database_url, cluster)
+        finally:
+            await cluster.stop()
+
+    uvloop.run(scenario())
+
+
 @pytest.mark.parametrize("batch_size", [1, 50])
 def test_concurrent_callers_share_flushes(database_url, batch_size):
     """Many callers at once: each reply comes after its own changes are durable (group commit)."""
