@@ -17,7 +17,10 @@ The report (``--output-dir``, default ``loadtests/results/bench_{duration}s/``):
 (everything, per second), ``REPORT.md`` (a summary) and ``throughput_latency.png`` (matplotlib; the
 report says so when it is not installed): transfers/s per second, p50/p95/p99, share over 1 s, errors
 by kind, CPU (cores and ms per transfer) and RSS per component from /proc (``loadtests/procstat.py``),
-shard flush statistics, and at the end conservation and exact positions on the hub.
+shard flush statistics, and at the end conservation and exact positions on the hub. With a
+``prometheus`` binary on this machine (``--prometheus auto``, the default), a real Prometheus scrapes
+the hub during the rayloop phases and every query of the Grafana dashboard (``dashboards/rayloop.json``)
+is evaluated over each measured phase: the report lists what each panel showed, and which had no data.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from cluster.testing import admin, assert_conserved, bench_environment, onboard,
 from loadtests.driver import PayerDriver, RunResult
 from loadtests.null_forwarder import ForwarderProcesses, free_port
 from loadtests.procstat import ComponentMap, Sampler
+from loadtests.prometheus import PrometheusServer, evaluate_dashboard, prometheus_binary
 from loadtests.sim_process import PayeeProcess
 from sim.ilp import new_secret
 
@@ -65,6 +69,30 @@ async def register_endpoints(hub, table: dict[str, dict[str, str]]) -> None:
                                        {"type": endpoint_type, "value": value})
             if status != 201:
                 raise RuntimeError(f"registering {endpoint_type} of {name}: {status} {body}")
+
+
+def onboarding_order(pairs: list[tuple[str, str]], placement: str) -> list[str]:
+    """The order the DFSPs are onboarded in, which decides their shards: the hub puts each new participant on
+    the shard with the fewest. ``pairs`` order (payer0, payee0, payer1, ...) after the Hub (on shard 0) puts
+    every payer on shard 1 of 2, so one shard does all the reserving and committing and the other only takes
+    credits. ``spread`` alternates payer-first and payee-first pairs, so the payers share the shards the way
+    a scheme's many DFSPs, each both payer and payee, do."""
+    if placement == "pairs":
+        return [name for pair in pairs for name in pair]
+    return [name for index, (payer, payee) in enumerate(pairs)
+            for name in ((payer, payee) if index % 2 == 0 else (payee, payer))]
+
+
+async def _placement(database_url: str) -> dict[str, int]:
+    """``{participant: shard}``, from the hub's database."""
+    import asyncpg
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch("SELECT name, shard_id FROM participant ORDER BY name")
+    finally:
+        await connection.close()
+    return {row["name"]: row["shard_id"] for row in rows}
 
 
 class Target:
@@ -154,7 +182,9 @@ async def _phase(target: Target, sampler: Sampler, args: argparse.Namespace,
                  committed: dict[tuple[str, str], int], unknown: list[int]) -> dict:
     warm = await _drive(target, args, args.warmup)
     duration_s = args.null_duration if target.name == "null" and args.null_duration else args.duration
+    measured_from = time.time()
     result, resources = await _measure(target, sampler, args, duration_s)
+    measured_to = time.time()
     for run in (warm, result):
         for pair, count in run.committed_by_pair.items():
             committed[pair] = committed.get(pair, 0) + count
@@ -162,6 +192,7 @@ async def _phase(target: Target, sampler: Sampler, args: argparse.Namespace,
     summary = result.summary()
     summary["warmup_errors"] = warm.errors
     summary["measured_s"] = duration_s
+    summary["measured_unix_s"] = [round(measured_from, 3), round(measured_to, 3)]
     summary.update(resources)
     print(f"  {target.name}: {summary['transfers_per_s']} transfers/s, p50 {summary['p50_ms']} ms, "
           f"p99 {summary['p99_ms']} ms, errors {summary['errors']}", flush=True)
@@ -194,6 +225,29 @@ async def settled_positions(hub, committed: dict[tuple[str, str], int], amount: 
     return mismatches
 
 
+async def _start_prometheus(hub, args: argparse.Namespace, report: dict) -> PrometheusServer | None:
+    """A Prometheus scraping the hub's admin /metrics, ready and with a first scrape done; None when off."""
+    binary = prometheus_binary()
+    if args.prometheus == "off" or (args.prometheus == "auto" and binary is None):
+        report["dashboard_check"] = ("off" if args.prometheus == "off" else
+                                     "skipped: no prometheus binary (apt-get install prometheus)")
+        return None
+    if binary is None:
+        raise SystemExit("--prometheus on, but there is no prometheus binary (apt-get install prometheus, "
+                         "or set RAYLOOP_PROMETHEUS_BIN)")
+    server = PrometheusServer([f"127.0.0.1:{hub.admin_port}"], scrape_interval_ms=args.prometheus_scrape_ms,
+                              binary=binary)
+    await asyncio.to_thread(server.start)
+    try:
+        await asyncio.to_thread(server.wait_for_scrapes)
+    except BaseException:
+        await asyncio.to_thread(server.stop)
+        raise
+    report["dashboard_check"] = (f"Prometheus ({binary}) scraping the hub every {args.prometheus_scrape_ms} ms; "
+                                 "every dashboard query evaluated over each measured rayloop phase")
+    return server
+
+
 def _median(values: list[float]) -> float:
     return round(statistics.median(values), 1) if values else 0.0
 
@@ -220,13 +274,18 @@ async def main(args: argparse.Namespace) -> dict:
         targets: dict[str, Target] = {}
         forwarder = None
         handle = None
+        prometheus = None
         try:
+            prometheus = await _start_prometheus(hub, args, report)
+            if prometheus is not None:
+                components.named_pids[prometheus.pid] = "prometheus"
             hub_target = targets["rayloop"] = await Target.start(
                 "rayloop", f"http://127.0.0.1:{hub.fspiop_port}", secrets, pairs, args)
             null_port = free_port("127.0.0.1")
             null_target = targets["null"] = await Target.start(
                 "null", f"http://127.0.0.1:{null_port}", secrets, pairs, args)
-            await onboard(hub, [name for pair in pairs for name in pair], CURRENCY, ndc=args.ndc, deposit=args.ndc)
+            await onboard(hub, onboarding_order(pairs, args.placement), CURRENCY, ndc=args.ndc, deposit=args.ndc)
+            report["placement"] = await _placement(database_url)
             await register_endpoints(hub, hub_target.endpoints())
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
                 json.dump(null_target.endpoints(), handle)
@@ -243,6 +302,13 @@ async def main(args: argparse.Namespace) -> dict:
                      if k in ("shard_id", "flushes", "flush_p50_ms", "flush_p99_ms", "queue_depth", "credits_pending")}
                     for state in [(await hub.ledger.describe(s))["shard"] for s in sorted(hub.handles)]
                 ]
+                if prometheus is not None:
+                    start, end = run["rayloop"]["measured_unix_s"]
+                    panels = await asyncio.to_thread(evaluate_dashboard, prometheus, start, end,
+                                                     step_s=args.prometheus_scrape_ms / 1000)
+                    run["rayloop"]["dashboard"] = [panel.as_dict() for panel in panels]
+                    empty = sum(1 for panel in panels if not panel.has_data)
+                    print(f"  dashboard: {len(panels) - empty} of {len(panels)} queries had data", flush=True)
                 null_tps = run["null"]["transfers_per_s"]
                 run["ratio_to_null"] = round(run["rayloop"]["transfers_per_s"] / null_tps, 3) if null_tps else None
                 runs.append(run)
@@ -258,6 +324,8 @@ async def main(args: argparse.Namespace) -> dict:
                 mismatches = await settled_positions(hub, committed, args.amount)
                 report["positions"] = "exact" if not mismatches else {"mismatches": mismatches}
         finally:
+            if prometheus is not None:
+                await asyncio.to_thread(prometheus.stop)
             if forwarder is not None:
                 report["null_forwarder_counters"] = await asyncio.to_thread(forwarder.stop)
             if handle is not None:
@@ -337,6 +405,8 @@ def _markdown(report: dict, plot_note: str | None) -> str:
         f"`{report['command']}` on {report['machine']}, started {report['started_utc']}; {report['mode']}; "
         f"database: {report['database']}.",
         "",
+        "Shards: " + _shards_line(report.get("placement", {})) + ".",
+        "",
         "| run | phase | transfers/s | p50 ms | p95 ms | p99 ms | over 1 s | errors | not sent |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -387,7 +457,51 @@ def _markdown(report: dict, plot_note: str | None) -> str:
         plot_note or "![throughput and latency](throughput_latency.png)",
         "",
     ]
+    lines += _dashboard_markdown(report)
     return "\n".join(lines)
+
+
+def _shards_line(placement: dict[str, int]) -> str:
+    by_shard: dict[int, list[str]] = {}
+    for name, shard in sorted(placement.items()):
+        by_shard.setdefault(shard, []).append(name)
+    return "; ".join(f"{shard}: {', '.join(names)}" for shard, names in sorted(by_shard.items())) or "unknown"
+
+
+def _number(value: float) -> str:
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.2e}"
+    return f"{value:,.3f}".rstrip("0").rstrip(".")
+
+
+def _dashboard_markdown(report: dict, legends_max: int = 8) -> list[str]:
+    """What each Grafana panel showed over the last run's rayloop phase: per series, median and max."""
+    lines = ["## The Grafana dashboard's queries, evaluated by Prometheus (rayloop phase, last run)", ""]
+    panels = report["runs"][-1]["rayloop"].get("dashboard") if report["runs"] else None
+    if not panels:
+        return lines + [f"Not evaluated: {report.get('dashboard_check', 'no runs')}.", ""]
+    empty = [p for p in panels if not p["has_data"]]
+    lines += [
+        f"{report['dashboard_check']}. {len(panels) - len(empty)} of {len(panels)} queries had data"
+        + (": every panel of `dashboards/rayloop.json` would show data." if not empty else
+           "; the others would show *No data* (a callback error panel has none when no callback failed)."),
+        "",
+        "| panel | query | series: median (max) over the phase |",
+        "|---|---|---|",
+    ]
+    for panel in panels:
+        if panel["error"]:
+            shown = f"query refused: {panel['error']}"
+        elif not panel["has_data"]:
+            shown = "*no data*"
+        else:
+            items = sorted(panel["medians"].items())
+            shown = "; ".join(f"{legend}: {_number(value)} ({_number(panel['maxima'][legend])})"
+                              for legend, value in items[:legends_max])
+            if len(items) > legends_max:
+                shown += f"; and {len(items) - legends_max} more"
+        lines.append(f"| {panel['panel']} | {panel['ref_id']} | {shown.replace('|', '/')} |")
+    return lines + [""]
 
 
 def write_report(report: dict, output_dir: Path) -> None:
@@ -411,11 +525,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-flight-max", type=int, default=2_000, help="open loop: outstanding transfers at most")
     parser.add_argument("--pairs", type=int, default=4, help="payer/payee DFSP pairs")
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--placement", choices=("pairs", "spread"), default="pairs",
+                        help="onboarding order: pairs (payer0, payee0, ...: with 2 shards every payer on one, every "
+                             "payee on the other) or spread (the payers over every shard)")
     parser.add_argument("--ingress-workers", type=int, default=1, help="also the null forwarder's process count")
     parser.add_argument("--amount", default="1", help="each transfer's amount (XTS)")
     parser.add_argument("--ndc", default="1000000000", help="net debit cap and deposit of every DFSP")
     parser.add_argument("--connections", type=int, default=256, help="HTTP connections per origin, each client")
     parser.add_argument("--callback-timeout-s", type=float, default=30.0, help="a transfer without callback: error")
+    parser.add_argument("--prometheus", choices=("auto", "on", "off"), default="auto",
+                        help="evaluate the Grafana dashboard's queries in a real Prometheus scraping the hub "
+                             "(auto: when a prometheus binary is on PATH or in RAYLOOP_PROMETHEUS_BIN)")
+    parser.add_argument("--prometheus-scrape-ms", type=int, default=1000, help="its scrape interval")
     parser.add_argument("--output-dir", type=Path, default=None, help="default loadtests/results/bench_{duration}s")
     return parser
 

@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import os
 import re
 import time
 import uuid
@@ -29,6 +30,7 @@ from cluster import metrics
 from cluster.metrics import ParticipantLabels, process_snapshot
 from cluster.metrics_hub import MetricsMerger, _Families
 from cluster.testing import HubThread, assert_conserved, module_hub
+from loadtests.prometheus import PrometheusServer, evaluate_dashboard, prometheus_binary
 from sim.simulator import Behaviour, Simulator
 
 CURRENCY = "XTS"
@@ -433,6 +435,69 @@ def test_every_dashboard_metric_is_in_a_real_scrape(hub):
     assert len(wanted) >= 25, sorted(wanted)
     missing = sorted(wanted - scraped)
     assert not missing, f"the dashboard queries metrics the hub does not export: {missing}"
+
+
+def test_every_dashboard_panel_has_data_in_a_real_prometheus(hub):
+    """A real Prometheus scrapes the hub while transfers run; every panel's query, as Grafana sends it, has data.
+
+    Needs the ``prometheus`` binary (``apt-get install prometheus``; ``.ci/run`` installs it). Without it
+    the test is skipped, unless ``RAYLOOP_REQUIRE_PROMETHEUS=1`` (CI) makes that a failure.
+    """
+    if prometheus_binary() is None:
+        if os.environ.get("RAYLOOP_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail("RAYLOOP_REQUIRE_PROMETHEUS=1 but there is no prometheus binary")
+        pytest.skip("no prometheus binary: apt-get install prometheus")
+    payer, payee = pair()
+    deaf = f"{payer}deaf"  # answers the hub's callbacks with 400 (rejected): the callback error panels get data
+    scrape_interval_ms = 500
+    with PrometheusServer([f"127.0.0.1:{hub.hub.admin_port}"], scrape_interval_ms=scrape_interval_ms) as prom:
+        prom.wait_for_scrapes()
+        start = time.time()
+
+        async def scenario():
+            async with simulator(hub) as sim:
+                onboard(hub, sim, payer)
+                onboard(hub, sim, payee)
+                onboard(hub, sim, deaf, behaviour=Behaviour(fail_http=400))
+                # Enough traffic for rates over several scrape windows (Grafana's $__rate_interval is 4
+                # scrapes), with a refused prepare and callbacks the deaf DFSP rejects in the middle.
+                await committed_transfers(hub, sim, payer, payee, 5)
+                # Traffic runs long before an error in real life: Prometheus has seen the error series at 0
+                # (the dispatcher creates every outcome of a kind with its first callback).
+                deadline = time.monotonic() + 20
+                while not await asyncio.to_thread(
+                        prom.query, 'rayloop_callbacks_total{kind="transfer_put", outcome="rejected"} == 0'):
+                    assert time.monotonic() < deadline, "no rejected transfer_put series at 0 in the scrapes"
+                    await asyncio.sleep(0.1)
+                status, _, refused = await sim.send_prepare(payer, payee, "5000", CURRENCY)
+                assert status == 202
+                await sim.wait_for(payer, lambda r: r.path.endswith("/error") and refused["transferId"] in r.path, 15)
+                for _ in range(3):
+                    status, _, _ = await sim.send_prepare(deaf, payee, "1", CURRENCY)
+                    assert status == 202
+                until = time.monotonic() + 6.0
+                while time.monotonic() < until:
+                    await committed_transfers(hub, sim, payer, payee, 5)
+
+        uvloop.run(scenario())
+        wait_scrape(hub, lambda s: total(s, "rayloop_callbacks_total", outcome="rejected") >= 3)
+        time.sleep(4 * scrape_interval_ms / 1000)  # the last transfers in a few scrapes
+        end = time.time()
+        panels = evaluate_dashboard(prom, start, end, step_s=scrape_interval_ms / 1000)
+        participants = prom.label_values("rayloop_transfer_prepares_total", "payer")
+        scrapes = prom.series_scraped(start, end)
+        expected_scrapes = (end - start) * 1000 / scrape_interval_ms
+    assert len(panels) == len(dashboard_expressions()) - 1  # every target (the last one is the variable's)
+    invalid = [(p.target.panel, p.error) for p in panels if p.error]
+    assert not invalid, f"queries Prometheus refuses: {invalid}"
+    empty = [f"{p.target.panel} ({p.target.ref_id}): {p.query}" for p in panels if not p.has_data]
+    assert not empty, f"{scrapes} of ~{expected_scrapes:.0f} scrapes; panels with no data:\n" + "\n".join(empty)
+    assert {payer, deaf} <= set(participants)
+    by_panel = {(p.target.panel, p.target.ref_id): p for p in panels}
+    completed = by_panel[("Transfers per second", "A")]
+    assert max(completed.maxima.values()) > 0
+    errors = by_panel[("Callback errors (rejected, failed, dropped)", "A")].maxima
+    assert any("rejected" in legend and peak > 0 for legend, peak in errors.items()), (scrapes, errors)
 
 
 def test_scrape_while_transfers_run_is_consistent(hub):
