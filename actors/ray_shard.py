@@ -51,8 +51,8 @@ PositionShardActor = ray.remote(
 )(_RayPositionShard)
 
 
-def start_shard_actor(shard_id: int, settings: ShardSettings, namespace: str):
+def start_shard_actor(shard_id: int, settings: ShardSettings, namespace: str, *, task_events: bool = False):
     """Create (or find, if it already runs) the named actor of one shard."""
     return PositionShardActor.options(
-        name=shard_actor_name(shard_id), namespace=namespace, get_if_exists=True
+        name=shard_actor_name(shard_id), namespace=namespace, get_if_exists=True, enable_task_events=task_events,
     ).remote(shard_id, dataclasses.replace(settings), namespace)

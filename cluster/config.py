@@ -65,6 +65,9 @@ class HubConfig:
     # participants get a label of their own per process (the rest share "other").
     metrics_scrape_timeout_ms: int = 2_000
     metrics_participants_max: int = 500
+    # Ray's task events (per actor call, kept by the GCS for `ray list tasks` and the dashboard) for the
+    # shard and ingress actors; rayloop's own state API does not need them (docs/ARCHITECTURE.md).
+    ray_task_events: bool = False
     shard: ShardSettings = field(default_factory=lambda: ShardSettings(dsn=""))
     # RAYLOOP_SETTLEMENT_TICK_MS, _SCAN_MAX, _BATCH_MAX, _CLOSE_WAIT_MS, _AGGREGATE_LATE_MS (docs/SETTLEMENT.md)
     settlement: SettlementSettings = field(default_factory=SettlementSettings)
@@ -112,6 +115,7 @@ class HubConfig:
             agreement_flushes_max=_env_int("RAYLOOP_AGREEMENT_FLUSHES_MAX", 2),
             metrics_scrape_timeout_ms=_env_int("RAYLOOP_METRICS_SCRAPE_TIMEOUT_MS", 2_000),
             metrics_participants_max=_env_int("RAYLOOP_METRICS_PARTICIPANTS_MAX", 500),
+            ray_task_events=os.environ.get("RAYLOOP_RAY_TASK_EVENTS", "").lower() in ("1", "true", "yes"),
             shard=ShardSettings(dsn="", **shard_values),
             settlement=SettlementSettings(**{
                 f.name: _env_int(f"RAYLOOP_SETTLEMENT_{f.name.upper()}", f.default) for f in fields(SettlementSettings)

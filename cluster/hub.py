@@ -67,7 +67,7 @@ class Hub:
         settings = dataclasses.replace(config.shard, dsn=self.database_url, hub_name=config.hub_name,
                                        metrics_participants_max=config.metrics_participants_max)
         self.handles = {
-            shard_id: start_shard_actor(shard_id, settings, config.ray_namespace)
+            shard_id: start_shard_actor(shard_id, settings, config.ray_namespace, task_events=config.ray_task_events)
             for shard_id in range(config.shard_count)
         }
         # Wait until every shard has rebuilt its book and checked its invariants.
@@ -125,7 +125,8 @@ class Hub:
         }
         worker_settings["metrics_participants_max"] = config.metrics_participants_max
         self.ingress = [
-            IngressActor.options(name=f"rayloop-ingress-{i}", namespace=config.ray_namespace).remote(worker_settings)
+            IngressActor.options(name=f"rayloop-ingress-{i}", namespace=config.ray_namespace,
+                                 enable_task_events=config.ray_task_events).remote(worker_settings)
             for i in range(config.ingress_workers)
         ]
         ports = await asyncio.gather(*(_await(w.start.remote()) for w in self.ingress))

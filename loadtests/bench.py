@@ -164,6 +164,8 @@ async def _measure(target: Target, sampler: Sampler, args: argparse.Namespace,
         },
         "rss_peak_mb": {c: round(max(s[2].get(c, 0) for s in samples) / _MB, 1) for c in components},
         "rss_end_mb": {c: round(samples[-1][2].get(c, 0) / _MB, 1) for c in components},
+        # Memory over the phase (a trend, e.g. Ray's own processes over an hour), every 10th sample.
+        "rss_mb_every_10s": [{c: round(s[2].get(c, 0) / _MB, 1) for c in components} for s in samples[::10]],
         "cpu_cores_per_second": [
             {c: round((b[1].get(c, 0.0) - a[1].get(c, 0.0)) / max(1e-9, b[0] - a[0]), 3) for c in components}
             for a, b in zip(samples, samples[1:], strict=False)

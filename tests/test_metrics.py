@@ -500,6 +500,14 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(hub):
     assert any("rejected" in legend and peak > 0 for legend, peak in errors.items()), (scrapes, errors)
 
 
+def test_hot_path_actors_report_no_ray_task_events(hub):
+    """Ray's GCS keeps an event per actor call for `ray list tasks`, growing Ray's memory by hundreds of MB
+    over an hour of transfers; the shard and ingress actors are created with them off
+    (RAYLOOP_RAY_TASK_EVENTS=1 turns them on)."""
+    actors = [*hub.hub.handles.values(), *hub.hub.ingress]
+    assert actors and not any(actor._ray_enable_task_events for actor in actors)
+
+
 def test_scrape_while_transfers_run_is_consistent(hub):
     """Scrapes during traffic: every counter only grows, and the hub answers each scrape quickly."""
     payer, payee = pair()
