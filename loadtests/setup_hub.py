@@ -196,7 +196,10 @@ async def main(args: argparse.Namespace) -> None:
             "three_leg": three_leg,
         }
         args.env_file.parent.mkdir(parents=True, exist_ok=True)
-        args.env_file.write_text(json.dumps(env, indent=1) + "\n")
+        # Written whole, then renamed into place: a Locust (or a test) that sees the file never reads half of it.
+        partial = args.env_file.with_name(args.env_file.name + ".partial")
+        partial.write_text(json.dumps(env, indent=1) + "\n")
+        partial.replace(args.env_file)
         print(f"wrote {args.env_file}; 3-leg flow {'on' if three_leg else 'off'}; payees served by the simulator "
               f"on {urlsplit(simulator.base_url(payees[0])).netloc}. Now run Locust (Ctrl-C here stops the payees):\n"
               f"  locust -f loadtests/locustfile.py --host {args.hub}", flush=True)
