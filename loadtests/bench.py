@@ -19,7 +19,7 @@ report says so when it is not installed): transfers/s per second, p50/p95/p99, s
 by kind, CPU (cores and ms per transfer) and RSS per component from /proc (``loadtests/procstat.py``),
 shard flush statistics, and at the end conservation and exact positions on the hub. With a
 ``prometheus`` binary on this machine (``--prometheus auto``, the default), a real Prometheus scrapes
-the hub during the rayloop phases and every query of the Grafana dashboard (``dashboards/rayloop.json``)
+the hub while the benchmark runs, and every query of the Grafana dashboard (``dashboards/rayloop.json``)
 is evaluated over each measured phase: the report lists what each panel showed, and which had no data.
 """
 
@@ -228,25 +228,33 @@ async def settled_positions(hub, committed: dict[tuple[str, str], int], amount: 
 
 
 async def _start_prometheus(hub, args: argparse.Namespace, report: dict) -> PrometheusServer | None:
-    """A Prometheus scraping the hub's admin /metrics, ready and with a first scrape done; None when off."""
-    binary = prometheus_binary()
-    if args.prometheus == "off" or (args.prometheus == "auto" and binary is None):
-        report["dashboard_check"] = ("off" if args.prometheus == "off" else
-                                     "skipped: no prometheus binary (apt-get install prometheus)")
+    """A Prometheus scraping the hub's admin /metrics, ready and with a first scrape done; None when off.
+
+    With ``--prometheus auto`` a Prometheus that is missing or will not start is reported, never the end of
+    the benchmark; with ``on`` it is an error."""
+    if args.prometheus == "off":
+        report["dashboard_check"] = "off"
         return None
-    if binary is None:
-        raise SystemExit("--prometheus on, but there is no prometheus binary (apt-get install prometheus, "
-                         "or set RAYLOOP_PROMETHEUS_BIN)")
-    server = PrometheusServer([f"127.0.0.1:{hub.admin_port}"], scrape_interval_ms=args.prometheus_scrape_ms,
-                              binary=binary)
-    await asyncio.to_thread(server.start)
     try:
-        await asyncio.to_thread(server.wait_for_scrapes)
-    except BaseException:
-        await asyncio.to_thread(server.stop)
-        raise
-    report["dashboard_check"] = (f"Prometheus ({binary}) scraping the hub every {args.prometheus_scrape_ms} ms; "
-                                 "every dashboard query evaluated over each measured rayloop phase")
+        binary = prometheus_binary()
+        if binary is None:
+            raise FileNotFoundError("no prometheus binary (apt-get install prometheus, or set RAYLOOP_PROMETHEUS_BIN)")
+        server = PrometheusServer([f"127.0.0.1:{hub.admin_port}"], scrape_interval_ms=args.prometheus_scrape_ms,
+                                  binary=binary)
+        await asyncio.to_thread(server.start)
+        try:
+            await asyncio.to_thread(server.wait_for_scrapes)
+        except BaseException:
+            await asyncio.to_thread(server.stop)
+            raise
+    except Exception as error:
+        if args.prometheus == "on":
+            raise SystemExit(f"--prometheus on: {error}") from error
+        report["dashboard_check"] = f"skipped: {error}"
+        return None
+    report["dashboard_check"] = (f"Prometheus ({binary}) scraping the hub every {args.prometheus_scrape_ms} ms "
+                                 "(through the whole benchmark: in the null phases the hub is idle but answers "
+                                 "the scrapes); every dashboard query evaluated over each measured rayloop phase")
     return server
 
 
@@ -306,11 +314,16 @@ async def main(args: argparse.Namespace) -> dict:
                 ]
                 if prometheus is not None:
                     start, end = run["rayloop"]["measured_unix_s"]
-                    panels = await asyncio.to_thread(evaluate_dashboard, prometheus, start, end,
-                                                     step_s=args.prometheus_scrape_ms / 1000)
-                    run["rayloop"]["dashboard"] = [panel.as_dict() for panel in panels]
-                    empty = sum(1 for panel in panels if not panel.has_data)
-                    print(f"  dashboard: {len(panels) - empty} of {len(panels)} queries had data", flush=True)
+                    try:
+                        panels = await asyncio.to_thread(evaluate_dashboard, prometheus, start, end,
+                                                         step_s=args.prometheus_scrape_ms / 1000)
+                    except OSError as error:  # Prometheus died or stalled: the run's own figures still stand
+                        run["rayloop"]["dashboard_error"] = repr(error)
+                        print(f"  dashboard: not evaluated: {error!r}", flush=True)
+                    else:
+                        run["rayloop"]["dashboard"] = [panel.as_dict() for panel in panels]
+                        empty = sum(1 for panel in panels if not panel.has_data)
+                        print(f"  dashboard: {len(panels) - empty} of {len(panels)} queries had data", flush=True)
                 null_tps = run["null"]["transfers_per_s"]
                 run["ratio_to_null"] = round(run["rayloop"]["transfers_per_s"] / null_tps, 3) if null_tps else None
                 runs.append(run)
@@ -481,12 +494,14 @@ def _dashboard_markdown(report: dict, legends_max: int = 8) -> list[str]:
     lines = ["## The Grafana dashboard's queries, evaluated by Prometheus (rayloop phase, last run)", ""]
     panels = report["runs"][-1]["rayloop"].get("dashboard") if report["runs"] else None
     if not panels:
-        return lines + [f"Not evaluated: {report.get('dashboard_check', 'no runs')}.", ""]
+        reason = (report["runs"][-1]["rayloop"].get("dashboard_error") if report["runs"] else None) \
+            or report.get("dashboard_check", "no runs")
+        return lines + [f"Not evaluated: {reason}.", ""]
     empty = [p for p in panels if not p["has_data"]]
     lines += [
         f"{report['dashboard_check']}. {len(panels) - len(empty)} of {len(panels)} queries had data"
         + (": every panel of `dashboards/rayloop.json` would show data." if not empty else
-           "; the others would show *No data* (a callback error panel has none when no callback failed)."),
+           "; the others would show *No data*."),
         "",
         "| panel | query | series: median (max) over the phase |",
         "|---|---|---|",
@@ -529,7 +544,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--placement", choices=("pairs", "spread"), default="pairs",
                         help="onboarding order: pairs (payer0, payee0, ...: with 2 shards every payer on one, every "
-                             "payee on the other) or spread (the payers over every shard)")
+                             "payee on the other) or spread (payer-first and payee-first pairs alternate: with 2 "
+                             "shards half the payers on each)")
     parser.add_argument("--ingress-workers", type=int, default=1, help="also the null forwarder's process count")
     parser.add_argument("--amount", default="1", help="each transfer's amount (XTS)")
     parser.add_argument("--ndc", default="1000000000", help="net debit cap and deposit of every DFSP")

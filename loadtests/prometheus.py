@@ -5,7 +5,8 @@ the panel's time range. ``PrometheusServer`` runs the ``prometheus`` binary (Deb
 2.x on ``PATH``) on loopback, scraping the hub's admin ``/metrics``; ``evaluate_dashboard`` runs every
 target of ``dashboards/rayloop.json`` as a range query, with Grafana's variables filled in the way
 Grafana fills them, and says for each whether it has data and what it shows. Used by
-``python -m loadtests.bench --prometheus`` and ``tests/test_dashboard_prometheus.py``.
+``python -m loadtests.bench --prometheus`` and
+``tests/test_metrics.py::test_every_dashboard_panel_has_data_in_a_real_prometheus``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ def prometheus_binary() -> str | None:
     """``RAYLOOP_PROMETHEUS_BIN`` or ``prometheus`` on ``PATH``; None when there is none."""
     configured = os.environ.get("RAYLOOP_PROMETHEUS_BIN")
     if configured:
-        return configured if os.access(configured, os.X_OK) else None
+        if not os.access(configured, os.X_OK):
+            raise FileNotFoundError(f"RAYLOOP_PROMETHEUS_BIN={configured} is not an executable file")
+        return configured
     return shutil.which("prometheus")
+
+
+# Loopback only: never through an HTTP(S)_PROXY the environment may name.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _free_port() -> int:
@@ -57,8 +64,16 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self._directory: str | None = None
         self._process: subprocess.Popen | None = None
+        self._log = None
 
     def start(self) -> PrometheusServer:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # the process, its log file and its directory, whatever got made
+            raise
+
+    def _start(self) -> PrometheusServer:
         self._directory = tempfile.mkdtemp(prefix="rayloop-prometheus-")
         interval = f"{self.scrape_interval_ms}ms"
         config = {
@@ -78,18 +93,15 @@ class PrometheusServer:
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
             if self._process.poll() is not None:
-                log = self.log_tail()
-                self.stop()
-                raise RuntimeError(f"prometheus exited at start: {log}")
+                raise RuntimeError(f"prometheus exited at start: {self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as answer:
+                with _OPENER.open(f"{self.url}/-/ready", timeout=2) as answer:
                     if answer.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"prometheus not ready after {self.ready_timeout_s} s")
+                raise TimeoutError(f"prometheus not ready after {self.ready_timeout_s} s: {self.log_tail()}")
             time.sleep(0.1)
 
     @property
@@ -103,6 +115,7 @@ class PrometheusServer:
         return path.read_text(errors="replace")[-characters:] if path.exists() else ""
 
     def stop(self) -> None:
+        """Safe to call more than once, and after a failed start."""
         if self._process is not None:
             self._process.terminate()
             try:
@@ -111,7 +124,9 @@ class PrometheusServer:
                 self._process.kill()
                 self._process.wait(timeout=15)
             self._process = None
+        if self._log is not None:
             self._log.close()
+            self._log = None
         if self._directory:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
@@ -125,7 +140,7 @@ class PrometheusServer:
     def _get(self, path: str, params: dict[str, str]) -> dict:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         try:
-            with urllib.request.urlopen(url, timeout=30) as answer:
+            with _OPENER.open(url, timeout=30) as answer:
                 body = json.loads(answer.read())
         except urllib.error.HTTPError as error:  # a bad query is a 400 with Prometheus's reason
             body = json.loads(error.read() or b"{}")
@@ -244,6 +259,8 @@ def evaluate_dashboard(prometheus: PrometheusServer, start: float, end: float, *
                 data.points += len(finite)
                 if finite:
                     legend = _legend(target.legend, series["metric"])
+                    if legend in data.medians:  # two series drawn with the same legend: keep both
+                        legend = f"{legend} ({data.series})"
                     data.medians[legend] = statistics.median(finite)
                     data.maxima[legend] = max(finite)
         except ValueError as error:

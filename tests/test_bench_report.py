@@ -3,6 +3,8 @@ as the dashboard check fills them, and the report's dashboard table."""
 
 from __future__ import annotations
 
+import pytest
+
 from loadtests.bench import _dashboard_markdown, onboarding_order
 from loadtests.prometheus import dashboard_targets, grafana_expression, grafana_rate_interval_ms
 
@@ -60,3 +62,23 @@ def test_dashboard_table_shows_medians_maxima_and_gaps():
 def test_dashboard_table_says_why_it_is_missing():
     report = {"dashboard_check": "skipped: no prometheus binary", "runs": [{"rayloop": {}}]}
     assert "Not evaluated: skipped: no prometheus binary." in _dashboard_markdown(report)
+
+
+def test_dashboard_as_typed_typescript_for_grafanas_schema_check():
+    """tools/check_dashboard_schema.py: what it hands to tsc (tsc itself needs npm; docs/METRICS.md)."""
+    import json
+
+    from loadtests.prometheus import DASHBOARD
+    from tools.check_dashboard_schema import typescript_source
+
+    board = json.loads(DASHBOARD.read_text())
+    source = typescript_source(board)
+    assert "export const dashboard: Lit<Dashboard> = {" in source
+    assert '"__inputs"' not in source and '"__requires"' not in source  # import metadata, not the model
+    panels = board["panels"]
+    assert source.count(": TimeSeriesPanel = {") == sum(p["type"] == "timeseries" for p in panels) > 0
+    assert source.count(": Lit<RowPanel> = {") == sum(p["type"] == "row" for p in panels) > 0
+    # What the schema check found missing: every legend names its calcs (Grafana writes [] for none).
+    assert all("calcs" in p["options"]["legend"] for p in panels if p["type"] == "timeseries")
+    with pytest.raises(ValueError, match="'stat'"):  # a panel type without schema types is not passed unchecked
+        typescript_source({"panels": [{"type": "stat", "title": "x"}]})

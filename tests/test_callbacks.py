@@ -471,6 +471,31 @@ def test_full_queue_drops():
     run(scenario)
 
 
+def test_every_outcome_of_a_kind_exists_at_zero_from_its_first_callback():
+    """Prometheus's rate() cannot see the increment that creates a series: the dashboard's error panel would
+    miss a DFSP's first rejected or dropped callbacks if those series appeared with them. They are created,
+    at 0, when the first callback of a kind is sent."""
+    async def scenario():
+        registry = CollectorRegistry()
+        async with dispatching(metrics=CallbackMetrics(registry), queue_max_per_fsp=1,
+                               concurrency_per_fsp=1) as dispatcher:
+            url = f"http://127.0.0.1:{closed_port()}/transfers/t"
+
+            def counts(kind: str) -> dict[str, float | None]:
+                return {str(o): registry.get_sample_value("rayloop_callbacks_total", {"kind": kind, "outcome": str(o)})
+                        for o in Outcome}
+
+            assert set(counts("transfer_patch").values()) == {None}
+            # Queued (no await: the worker has not taken it), so no outcome yet; the series exist, at 0.
+            assert dispatcher.send("payerfsp", "PATCH", url, PUT_HEADERS, b"{}", kind="transfer_patch")
+            assert set(counts("transfer_patch").values()) == {0}
+            # The queue is full: the drop is an increment of a series a scrape could already have seen.
+            assert not dispatcher.send("payerfsp", "PATCH", url, PUT_HEADERS, b"{}", kind="transfer_patch")
+            assert counts("transfer_patch") == {"delivered": 0, "rejected": 0, "failed": 0, "dropped": 1}
+
+    run(scenario)
+
+
 def test_metrics():
     async def scenario():
         registry = CollectorRegistry()

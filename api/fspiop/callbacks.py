@@ -487,6 +487,11 @@ class CallbackDispatcher:
         self._pending = 0  # queued or in flight, over all lanes
         # (kind, outcome) -> (counter child, histogram child): labels() takes a lock and hashes every time.
         self._outcome_metrics: dict[tuple[str, Outcome], tuple[Counter, Histogram]] = {}
+        # Kinds whose counters exist for every outcome. A series that first appears at 1 hides that
+        # increment from rate(), so a DFSP's first rejected (or dropped) callbacks would never show on the
+        # dashboard's error panel; the first callback of a kind creates them all at 0. Kinds are a fixed
+        # set in the code (resource and method).
+        self._kinds: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -565,6 +570,10 @@ class CallbackDispatcher:
         done: asyncio.Future[Outcome] | None,
         on_outcome: Callable[[Outcome], None] | None = None,
     ) -> bool:
+        if kind not in self._kinds:
+            self._kinds.add(kind)
+            for outcome in Outcome:
+                self.metrics.total.labels(kind, outcome)
         if self._closed:
             self.metrics.total.labels(kind, Outcome.DROPPED).inc()
             _tell(on_outcome, Outcome.DROPPED)
@@ -665,14 +674,7 @@ class CallbackDispatcher:
             self._idle.set()
 
     def _outcome_children(self, kind: str, outcome: Outcome) -> tuple[Counter, Histogram]:
-        # The first callback of a kind creates its counter for every outcome, at 0: a series that first
-        # appears at 1 hides that increment from rate(), so a DFSP's first rejected callback would never
-        # show on the dashboard's error panel. Kinds are a fixed set in the code (resource and method).
-        total = self.metrics.total
-        if not any(key[0] == kind for key in self._outcome_metrics):
-            for each in Outcome:
-                total.labels(kind, each)
-        children = (total.labels(kind, outcome), self.metrics.seconds.labels(kind, outcome))
+        children = (self.metrics.total.labels(kind, outcome), self.metrics.seconds.labels(kind, outcome))
         self._outcome_metrics[(kind, outcome)] = children
         return children
 
