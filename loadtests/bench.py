@@ -37,6 +37,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import asyncpg
 import uvloop
 
 from cluster.testing import admin, assert_conserved, bench_environment, onboard, running_hub
@@ -85,8 +86,6 @@ def onboarding_order(pairs: list[tuple[str, str]], placement: str) -> list[str]:
 
 async def _placement(database_url: str) -> dict[str, int]:
     """``{participant: shard}``, from the hub's database."""
-    import asyncpg
-
     connection = await asyncpg.connect(database_url)
     try:
         rows = await connection.fetch("SELECT name, shard_id FROM participant ORDER BY name")

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -25,6 +24,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loadtests.null_forwarder import free_port
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "rayloop.json"
 
@@ -43,12 +44,6 @@ def prometheus_binary() -> str | None:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class PrometheusServer:
     """One Prometheus process with its own scratch storage; ``stop()`` removes both."""
 
@@ -60,7 +55,7 @@ class PrometheusServer:
         self.targets = targets
         self.scrape_interval_ms = scrape_interval_ms
         self.ready_timeout_s = ready_timeout_s
-        self.port = _free_port()
+        self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         self._directory: str | None = None
         self._process: subprocess.Popen | None = None
