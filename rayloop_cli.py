@@ -22,6 +22,8 @@ def _up(args: argparse.Namespace) -> int:
         overrides["shard_count"] = args.shards
     if args.admin_port is not None:
         overrides["admin_port"] = args.admin_port
+    if args.shard_host is not None:
+        overrides["shard_host"] = args.shard_host
     config = HubConfig.from_env(**overrides)
 
     async def run() -> None:
@@ -69,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rayloop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start a hub (embedded Postgres unless RAYLOOP_DATABASE_URL is set)")
-    up.add_argument("--shards", type=int, help="number of position shard actors (RAYLOOP_SHARDS)")
+    up.add_argument("--shards", type=int, help="number of position shards (RAYLOOP_SHARDS)")
+    up.add_argument("--shard-host", choices=["ingress", "actors"],
+                    help="shards inside the ingress workers (default) or actors of their own (RAYLOOP_SHARD_HOST)")
     up.add_argument("--admin-port", type=int, help="admin API port (RAYLOOP_ADMIN_PORT, default 3001)")
     up.set_defaults(run=_up)
     state = commands.add_parser("state", help="live actor state from a running hub's ops gRPC service")

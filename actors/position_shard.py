@@ -32,7 +32,7 @@ import os
 import time
 import warnings
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -139,11 +139,23 @@ class PositionShard:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        if self._started is None:
+        started = self._started
+        if started is None or (started.done() and (started.cancelled() or started.exception() is not None)):
+            # A failed rebuild (Postgres away, say) is tried again by the next call, not remembered forever:
+            # a hosted shard's process is its ingress worker's, which lives on meanwhile.
             self._started = asyncio.ensure_future(self._start())
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:
+        try:
+            await self._rebuild()
+        except BaseException:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
+            raise
+
+    async def _rebuild(self) -> None:
         self._changed = asyncio.Event()
         self._flushed = asyncio.Event()
         self._pool = await asyncpg.create_pool(
@@ -224,11 +236,16 @@ class PositionShard:
     # ------------------------------------------------------------------ commands
 
     async def execute(self, payload: bytes) -> bytes:
-        """Apply a serialized ``CommandBatch``; return a serialized ``BatchResult``."""
-        await self.start()
+        """Apply a serialized ``CommandBatch``; return a serialized ``BatchResult`` (calls from other processes)."""
         batch = pb.CommandBatch.FromString(payload)
+        reply = await self.execute_commands(batch.commands, wait_durable=batch.wait_durable)
+        return reply.SerializeToString()
+
+    async def execute_commands(self, commands: Sequence[pb.Command], *, wait_durable: bool) -> pb.BatchResult:
+        """Apply commands as one batch: the in-process path (an ingress worker calling a shard it hosts),
+        with nothing serialized and the commands not copied into a ``CommandBatch``."""
+        await self.start()
         await self._admit()
-        commands = batch.commands
         self._batch_commands.observe(len(commands))
         ops = [command.WhichOneof("op") for command in commands]  # one pass, reused below
         # Prefetch phase: I/O happens before the apply loop, never between a check and its update.
@@ -264,13 +281,13 @@ class PositionShard:
                 results.add(outcome=result.outcome, seq=result.seq, state=result.state)
         if max_seq:
             self._changed.set()
-        if batch.wait_durable:
+        if wait_durable:
             if max_seq:
                 await self._wait_durable(max_seq)
             if credits:
                 reply.credits_pending = await self._credits_within_wait(credits)
         reply.durable_seq = self._durable_seq
-        return reply.SerializeToString()
+        return reply
 
     def _apply(self, book: PositionBook, command: pb.Command, op: str, now_ms: int, loaded: dict) -> Result:
         if op == "reserve":

@@ -56,3 +56,54 @@ def start_shard_actor(shard_id: int, settings: ShardSettings, namespace: str, *,
     return PositionShardActor.options(
         name=shard_actor_name(shard_id), namespace=namespace, get_if_exists=True, enable_task_events=task_events,
     ).remote(shard_id, dataclasses.replace(settings), namespace)
+
+
+# The methods a hosted shard answers from other processes, named as on a shard actor. Not ``stop``: the
+# worker stops the shards it hosts itself, after it stopped serving (a shard stopped by another process
+# would live on in a worker that Ray has no reason to restart, applying changes it never flushes).
+SHARD_METHODS = frozenset({"execute", "describe", "totals", "ping", "check_invariants", "wait_events"})
+
+
+class _HostedMethod:
+    __slots__ = ("_handle", "_name")
+
+    def __init__(self, handle: HostedShardHandle, name: str):
+        self._handle = handle
+        self._name = name
+
+    def remote(self, *args):
+        return self._handle.resolve_host().shard_call.remote(self._handle.shard_id, self._name, *args)
+
+
+class HostedShardHandle:
+    """A shard hosted inside an ingress worker (``RAYLOOP_SHARD_HOST=ingress``), addressed like a shard
+    actor: ``handle.execute.remote(payload)`` is ``worker.shard_call.remote(shard_id, "execute", payload)``.
+
+    The worker is looked up by name on first use when only its name is given (workers start together and
+    find each other's shards this way). Ray keeps an actor's handle valid across its restarts.
+    """
+
+    def __init__(self, shard_id: int, *, host=None, host_name: str = "", namespace: str = ""):
+        self.shard_id = shard_id
+        self.host = host
+        self._host_name = host_name
+        self._namespace = namespace
+
+    def resolve_host(self):
+        if self.host is None:
+            self.host = ray.get_actor(self._host_name, namespace=self._namespace)
+        return self.host
+
+    def __getattr__(self, name: str) -> _HostedMethod:
+        if name not in SHARD_METHODS:
+            raise AttributeError(name)
+        return _HostedMethod(self, name)
+
+
+def ingress_actor_name(index: int) -> str:
+    return f"rayloop-ingress-{index}"
+
+
+def shard_host_index(shard_id: int, ingress_workers: int) -> int:
+    """Which ingress worker hosts a shard when shards live in the ingress workers."""
+    return shard_id % ingress_workers

@@ -35,12 +35,18 @@ class HubConfig:
     fspiop_host: str = "127.0.0.1"
     fspiop_port: int = 3000
     ingress_workers: int = 1  # FSPIOP ingress processes sharing the port (SO_REUSEPORT)
+    # Where the position shards run (docs/ARCHITECTURE.md): "ingress", inside the ingress worker actors
+    # (shard k in worker k mod ingress_workers; a worker reaches its own shards with no Ray hop: 1.4x the
+    # transfers per CPU, docs/BENCHMARKS.md), or "actors", each shard a Ray actor of its own.
+    shard_host: str = "ingress"
     allow_on_us: bool = False  # transfers where payer and payee are the same DFSP
-    ingress_batch_max: int = 256  # commands per Ray call from an ingress to a shard
-    # Ray calls in flight per ingress and shard. One: commands queue while a call is out and go as one large
+    ingress_batch_max: int = 256  # commands per call from an ingress to a shard (Ray or in-process)
+    # Calls in flight per ingress and shard. One: commands queue while a call is out and go as one large
     # batch, which costs the shards a third less CPU per transfer than 4 small calls (docs/BENCHMARKS.md).
     ingress_batch_in_flight: int = 1
     ingress_queue_max: int = 20_000  # commands waiting per ingress and shard before 2005
+    # How long stopping a worker may take: its accepted requests, then its shards' final flush and checkpoint.
+    ingress_stop_timeout_ms: int = 60_000
     callback_timeout_ms: int = 5_000
     callback_retries: int = 2
     callback_queue_max: int = 10_000  # per destination DFSP and ingress process
@@ -95,10 +101,12 @@ class HubConfig:
             fspiop_host=_env_str("RAYLOOP_FSPIOP_HOST", "127.0.0.1"),
             fspiop_port=_env_int("RAYLOOP_FSPIOP_PORT", 3000),
             ingress_workers=_env_int("RAYLOOP_INGRESS_WORKERS", 1),
+            shard_host=_env_str("RAYLOOP_SHARD_HOST", "ingress").lower(),
             allow_on_us=os.environ.get("RAYLOOP_ALLOW_ON_US", "").lower() in ("1", "true", "yes"),
             ingress_batch_max=_env_int("RAYLOOP_INGRESS_BATCH_MAX", 256),
             ingress_batch_in_flight=_env_int("RAYLOOP_INGRESS_BATCH_IN_FLIGHT", 1),
             ingress_queue_max=_env_int("RAYLOOP_INGRESS_QUEUE_MAX", 20_000),
+            ingress_stop_timeout_ms=_env_int("RAYLOOP_INGRESS_STOP_TIMEOUT_MS", 60_000),
             callback_timeout_ms=_env_int("RAYLOOP_CALLBACK_TIMEOUT_MS", 5_000),
             callback_retries=_env_int("RAYLOOP_CALLBACK_RETRIES", 2),
             callback_queue_max=_env_int("RAYLOOP_CALLBACK_QUEUE_MAX", 10_000),
@@ -122,6 +130,10 @@ class HubConfig:
             }),
         )
         values.update(overrides)
+        if values["ingress_workers"] < 1:
+            raise ValueError("RAYLOOP_INGRESS_WORKERS must be at least 1")
+        if values["shard_host"] not in ("ingress", "actors"):
+            raise ValueError("RAYLOOP_SHARD_HOST must be ingress or actors")
         if values["transfer_quote_check"] not in ("off", "known", "valid"):
             raise ValueError("RAYLOOP_TRANSFER_QUOTE_CHECK must be off, known or valid")
         return cls(**values)

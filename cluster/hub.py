@@ -13,7 +13,7 @@ import socket
 import asyncpg
 import ray
 
-from actors.ray_shard import start_shard_actor
+from actors.ray_shard import HostedShardHandle, ingress_actor_name, shard_host_index, start_shard_actor
 from api.admin import AdminApi
 from api.fspiop.ingress import IngressWorker
 from api.http import HttpServer
@@ -66,22 +66,34 @@ class Hub:
         self._init_ray()
         settings = dataclasses.replace(config.shard, dsn=self.database_url, hub_name=config.hub_name,
                                        metrics_participants_max=config.metrics_participants_max)
-        self.handles = {
-            shard_id: start_shard_actor(shard_id, settings, config.ray_namespace, task_events=config.ray_task_events)
-            for shard_id in range(config.shard_count)
-        }
-        # Wait until every shard has rebuilt its book and checked its invariants.
-        await asyncio.gather(*(_await(h.ping.remote()) for h in self.handles.values()))
+        if config.shard_host == "ingress":
+            await self._start_ingress(settings)
+            workers = config.ingress_workers
+            self.handles = {
+                shard_id: HostedShardHandle(shard_id, host=self.ingress[shard_host_index(shard_id, workers)])
+                for shard_id in range(config.shard_count)
+            }
+            await asyncio.gather(*(_await(h.ping.remote()) for h in self.handles.values()))
+        else:
+            self.handles = {
+                shard_id: start_shard_actor(shard_id, settings, config.ray_namespace,
+                                            task_events=config.ray_task_events)
+                for shard_id in range(config.shard_count)
+            }
+            # Wait until every shard has rebuilt its book and checked its invariants.
+            await asyncio.gather(*(_await(h.ping.remote()) for h in self.handles.values()))
+            await self._start_ingress(settings)
         self.ledger = LedgerClient(
             self.handles, call_timeout_ms=config.actor_call_timeout_ms, retries=config.actor_call_retries
         )
-        await self._start_ingress(settings)
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_shards(), name="shard-watchdog")
         ops = OpsService(self.pool, self.ledger)
         self.ops_server, self.ops_port = await start_ops_server(ops, config.ops_grpc_host, config.ops_grpc_port)
         admin = AdminApi(self.pool, self.ledger, hub_name=config.hub_name, shard_count=config.shard_count, ops=ops)
         # GET /metrics on the admin port: every ingress worker's and shard's metrics, merged (docs/METRICS.md).
-        admin.hub_metrics = HubMetrics(ray_sources(self.ingress, self.handles),
+        # Hosted shards' metrics are their ingress worker's: one snapshot per process.
+        shard_sources = {} if config.shard_host == "ingress" else self.handles
+        admin.hub_metrics = HubMetrics(ray_sources(self.ingress, shard_sources),
                                        timeout_ms=config.metrics_scrape_timeout_ms)
         self.settlement = SettlementService(self.pool, self.ledger, hub_name=config.hub_name,
                                             settings=config.settlement)
@@ -117,16 +129,19 @@ class Hub:
             "batch_in_flight": config.ingress_batch_in_flight, "queue_max": config.ingress_queue_max,
             "callback_timeout_ms": config.callback_timeout_ms, "callback_retries": config.callback_retries,
             "callback_queue_max": config.callback_queue_max, "actor_call_timeout_ms": config.actor_call_timeout_ms,
-            "actor_call_retries": config.actor_call_retries,
+            "actor_call_retries": config.actor_call_retries, "stop_timeout_ms": config.ingress_stop_timeout_ms,
             "oracle_refresh_ms": config.oracle_refresh_ms, "oracle_timeout_ms": config.oracle_timeout_ms,
             "oracle_connections_max": config.oracle_connections_max, "lookup_fanout_max": config.lookup_fanout_max,
             "transfer_quote_check": config.transfer_quote_check, "agreement_batch_max": config.agreement_batch_max,
             "agreement_queue_max": config.agreement_queue_max, "agreement_flushes_max": config.agreement_flushes_max,
         }
         worker_settings["metrics_participants_max"] = config.metrics_participants_max
+        worker_settings.update(shard_host=config.shard_host, ingress_workers=config.ingress_workers,
+                               shard_settings=settings)
         self.ingress = [
-            IngressActor.options(name=f"rayloop-ingress-{i}", namespace=config.ray_namespace,
-                                 enable_task_events=config.ray_task_events).remote(worker_settings)
+            IngressActor.options(name=ingress_actor_name(i), namespace=config.ray_namespace,
+                                 enable_task_events=config.ray_task_events,
+                                 ).remote(dict(worker_settings, worker_index=i))
             for i in range(config.ingress_workers)
         ]
         ports = await asyncio.gather(*(_await(w.start.remote()) for w in self.ingress))
@@ -177,6 +192,13 @@ class Hub:
             await self.admin_server.stop()
         if self.ops_server is not None:
             await self.ops_server.stop(grace=1)
+        # Every worker stops taking requests and finishes those accepted before any stops: with shards
+        # hosted in the workers, one worker's last requests may still need another's shards.
+        drained = await asyncio.gather(*(_await(w.stop_serving.remote()) for w in self.ingress),
+                                       return_exceptions=True)
+        for result in drained:
+            if isinstance(result, BaseException):
+                log.warning("ingress stop_serving: %r", result)
         for worker in self.ingress:
             try:
                 await _await(worker.stop.remote())
@@ -184,6 +206,8 @@ class Hub:
                 log.warning("ingress stop: %r", error)
             ray.kill(worker, no_restart=True)
         self.ingress = []
+        if self.config.shard_host == "ingress":
+            self.handles = {}  # each worker stopped (flushed) the shards it hosted
         if self.handles:
             # Let each shard flush what it holds before its process goes.
             results = await asyncio.gather(
@@ -214,6 +238,8 @@ def _free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-# Ingress workers are restarted by Ray if their process dies (they hold no state); num_cpus=0 lets
-# several share a node with the shards.
-IngressActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(IngressWorker)
+# Ingress workers are restarted by Ray if their process dies (the shards they host rebuild from Postgres
+# in the new process); num_cpus=0 lets several share a node with the shards.
+# An asyncio actor (shard_call is a coroutine): max_concurrency bounds the calls to the shards a worker
+# hosts that may wait at once (durability, a rebuild), as on a shard actor.
+IngressActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)(IngressWorker)

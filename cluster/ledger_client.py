@@ -66,6 +66,16 @@ class LedgerClient:
         return combined
 
 
+class LocalLedger:
+    """``LedgerClient.execute`` for shards hosted in this process: the same messages, not serialized, no Ray hop."""
+
+    def __init__(self, shards: dict):
+        self.shards = shards
+
+    async def execute(self, shard_id: int, commands: list[pb.Command], *, wait_durable: bool = True) -> pb.BatchResult:
+        return await self.shards[shard_id].execute_commands(commands, wait_durable=wait_durable)
+
+
 async def _await_ref(ref):
     return await ref
 
@@ -95,10 +105,10 @@ class ShardBatcher:
         self._call_seconds = metrics.INGRESS_SHARD_CALL_SECONDS.labels(label)
         # Read when scraped; one batcher per shard and process, so a rebuilt one replaces its predecessor.
         metrics.LIVE.register(f"batcher-queue:{label}", "rayloop_ingress_batcher_queue_depth",
-                              "Commands waiting in an ingress worker's ShardBatcher for a Ray call to the shard",
+                              "Commands waiting in an ingress worker's ShardBatcher for a call to the shard",
                               ["shard"], lambda: [((label,), len(self._waiting))])
         metrics.LIVE.register(f"batcher-in-flight:{label}", "rayloop_ingress_batcher_in_flight",
-                              "Ray calls in flight from an ingress worker's ShardBatcher to the shard",
+                              "Calls in flight from an ingress worker's ShardBatcher to the shard",
                               ["shard"], lambda: [((label,), self._in_flight)])
 
     @property

@@ -33,7 +33,7 @@ INCARNATION = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 # Seconds: 1 ms to 30 s, with 1 s a bucket boundary so "share over one second" is exact
 # (1 - bucket{le="1.0"} / count); Mojaloop's baseline target is under 1 % of transfers over 1 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
-# Commands per Ray call and journal rows per flush: powers of two up to past the default bounds
+# Commands per shard call and journal rows per flush: powers of two up to past the default bounds
 # (ingress batch_max 256, a flush under load a few thousand rows).
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -80,7 +80,7 @@ TRANSFER_RESULTS = Counter(
 
 INGRESS_BATCH_COMMANDS = Histogram(
     "rayloop_ingress_batch_commands",
-    "Commands per Ray call from an ingress worker's ShardBatcher to a shard",
+    "Commands per call from an ingress worker's ShardBatcher to a shard",
     ["shard"], buckets=SIZE_BUCKETS,
 )
 INGRESS_SHARD_CALL_SECONDS = Histogram(

@@ -36,9 +36,12 @@ async def _ping_when_back(handle, attempts: int = 100) -> dict:
     raise AssertionError("the shard actor did not come back")
 
 
-def test_sigkill_mid_stream_loses_nothing_durable_and_applies_nothing_twice(database_url):
+# "ingress": the process killed is the ingress worker hosting the payer's shard (Ray restarts it, the
+# shard rebuilds in it); "actors": the shard's own actor process.
+@pytest.mark.parametrize("shard_host", ["ingress", "actors"])
+def test_sigkill_mid_stream_loses_nothing_durable_and_applies_nothing_twice(database_url, shard_host):
     async def scenario():
-        async with running_hub(database_url, shards=2, actor_call_retries=8) as hub:
+        async with running_hub(database_url, shards=2, actor_call_retries=8, shard_host=shard_host) as hub:
             accounts = await onboard(hub, ["payerfsp", "payeefsp"], ndc="1000000", deposit="1000000")
             connection = await asyncpg.connect(database_url)
             shard_of = dict(await connection.fetch("SELECT name, shard_id FROM participant"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 import uvloop
 
 from cluster.testing import assert_conserved, onboard, running_hub
@@ -21,11 +22,11 @@ DURATION_S = 3.0
 USERS = 8
 
 
-async def _scenario(database_url: str) -> None:
+async def _scenario(database_url: str, shard_host: str, ingress_workers: int) -> None:
     # payee0 is paid by two payers, on whichever shards they landed: credits from more than one shard.
     pairs = [("payer0", "payee0"), ("payer1", "payee1"), ("payer2", "payee0")]
     secrets = {"payee0": new_secret(), "payee1": new_secret()}
-    async with running_hub(database_url, shards=2, ingress_workers=1) as hub:
+    async with running_hub(database_url, shards=2, ingress_workers=ingress_workers, shard_host=shard_host) as hub:
         url = f"http://127.0.0.1:{hub.fspiop_port}"
         payees = await asyncio.to_thread(PayeeProcess.start, url, secrets)
         driver = PayerDriver(url, secrets, pairs, CURRENCY, "1.25", callback_timeout_s=20.0)
@@ -53,8 +54,11 @@ async def _scenario(database_url: str) -> None:
     assert counters["prepares"] == counters["answered"] == result.transfers, counters
 
 
-def test_transfers_under_load_lose_nothing(database_url):
-    uvloop.run(_scenario(database_url))
+# Both homes of the shards: in the ingress worker (the default; with two workers, half the requests reach
+# the worker that does not host the payer's shard and go through the other), and shard actors of their own.
+@pytest.mark.parametrize(("shard_host", "ingress_workers"), [("ingress", 1), ("ingress", 2), ("actors", 1)])
+def test_transfers_under_load_lose_nothing(database_url, shard_host, ingress_workers):
+    uvloop.run(_scenario(database_url, shard_host, ingress_workers))
 
 
 async def _null_scenario(endpoints_file) -> None:

@@ -331,9 +331,15 @@ def test_refused_and_expired_transfers_are_counted(hub):
 
 def test_scrape_covers_every_ingress_worker_and_shard(hub):
     before = scrape(hub)
-    sources = ("hub", "ingress-0", "ingress-1", "shard-0", "shard-1")
+    config = hub.hub.config
+    # Shards hosted in the ingress workers report through their worker's process; shard actors on their own.
+    shard_sources = [f"shard-{i}" for i in range(config.shard_count)] if config.shard_host == "actors" else []
+    sources = ("hub", "ingress-0", "ingress-1", *shard_sources)
     for source in sources:
         assert value(before, "rayloop_metrics_source_up", source=source) == 1, source
+    assert total(before, "rayloop_metrics_source_up") == len(sources)
+    for shard in range(config.shard_count):
+        assert ("rayloop_shard_unflushed_changes", frozenset({("shard", str(shard))})) in before, shard
     # Forty requests on forty new connections: the kernel spreads them over both workers (SO_REUSEPORT).
     requests = 40
     for _ in range(requests):
@@ -483,6 +489,8 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(hub):
                     status, _, _ = await sim.send_prepare(deaf, payee, "1", CURRENCY)
                     assert status == 202
                     await committed_transfers(hub, sim, payer, payee, 5)
+                    # Paced: the payer's net debit cap (1000) allows 800 transfers of 1.25, whatever the speed.
+                    await asyncio.sleep(0.1)
 
         uvloop.run(scenario())
         wait_scrape(hub, lambda s: total(s, "rayloop_callbacks_total", outcome="rejected") >= 3)
@@ -507,6 +515,41 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(hub):
     assert any("rejected" in legend and peak > 0 for legend, peak in errors.items()), (scrapes, errors)
 
 
+def test_each_shard_answers_from_the_worker_that_hosts_it(hub):
+    """With shards in the ingress workers, shard k lives in worker k mod workers: the other worker refuses
+    calls for it, and the hub's handle reaches it in its host's process. With shard actors, no worker
+    hosts any."""
+    config = hub.hub.config
+    workers = hub.hub.ingress
+    if config.shard_host != "ingress":
+        # Shards are actors of their own in this run (RAYLOOP_SHARD_HOST=actors): no worker hosts any.
+        for shard_id in range(config.shard_count):
+            for worker in workers:
+                with pytest.raises(ray.exceptions.RayTaskError, match="not hosted by this ingress worker"):
+                    ray.get(worker.shard_call.remote(shard_id, "ping"), timeout=30)
+        return
+    assert len(workers) == config.shard_count == 2
+    pids = []
+    for shard_id in range(config.shard_count):
+        host = shard_id % len(workers)
+        answer = ray.get(workers[host].shard_call.remote(shard_id, "ping"), timeout=30)
+        assert answer["shard_id"] == shard_id
+        assert hub.call(_ping(hub.hub.handles[shard_id]))["pid"] == answer["pid"]
+        pids.append(answer["pid"])
+        other = workers[(host + 1) % len(workers)]
+        with pytest.raises(ray.exceptions.RayTaskError, match="not hosted by this ingress worker"):
+            ray.get(other.shard_call.remote(shard_id, "ping"), timeout=30)
+        # Only the shard-actor methods, and not stop: the worker stops its shards itself, after serving.
+        for method in ("_apply", "stop"):
+            with pytest.raises(ray.exceptions.RayTaskError, match="not a shard method callable"):
+                ray.get(workers[host].shard_call.remote(shard_id, method), timeout=30)
+    assert len(set(pids)) == 2, "two workers, one shard each: two processes"
+
+
+async def _ping(handle) -> dict:
+    return await handle.ping.remote()
+
+
 def test_hot_path_actors_report_no_ray_task_events(hub):
     """Ray's GCS keeps an event per actor call for `ray list tasks`, growing Ray's memory by hundreds of MB
     over an hour of transfers; the shard and ingress actors are created with them off by default
@@ -514,7 +557,8 @@ def test_hot_path_actors_report_no_ray_task_events(hub):
     assert HubConfig.from_env().ray_task_events is (
         os.environ.get("RAYLOOP_RAY_TASK_EVENTS", "").lower() in ("1", "true", "yes"))
     assert HubConfig().ray_task_events is False
-    actors = [*hub.hub.handles.values(), *hub.hub.ingress]
+    shard_actors = list(hub.hub.handles.values()) if hub.hub.config.shard_host == "actors" else []
+    actors = [*shard_actors, *hub.hub.ingress]
     assert actors and all(actor._ray_enable_task_events is hub.hub.config.ray_task_events for actor in actors)
 
 

@@ -388,3 +388,33 @@ def test_a_repeated_call_after_a_restart_gets_the_decision_not_a_duplicate(datab
             await cluster.stop()
 
     uvloop.run(scenario())
+
+
+def test_a_failed_start_is_tried_again_by_the_next_call(server_url, template_url):
+    """A shard hosted in an ingress worker shares its process: when its rebuild fails (here its database
+    does not exist yet), the next call tries again instead of failing forever."""
+    name = f"rayloop_late_{uuid.uuid4().hex[:10]}"
+    url = f"{server_url.rpartition('/')[0]}/{name}"
+    template = template_url.rpartition("/")[2]
+
+    async def admin(statement: str) -> None:
+        connection = await asyncpg.connect(server_url)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    async def scenario():
+        shard = PositionShard(0, ShardSettings(dsn=url), on_fatal=_raise)
+        with pytest.raises(asyncpg.InvalidCatalogNameError):
+            await shard.ping()
+        await admin(f"CREATE DATABASE {name} TEMPLATE {template}")
+        try:
+            await _seed(url)
+            assert (await shard.ping())["shard_id"] == 0
+            assert await shard.check_invariants()
+            await shard.stop()
+        finally:
+            await admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    uvloop.run(scenario())

@@ -145,12 +145,26 @@ class IngressWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._stopped: asyncio.Event | None = None
+        self._quiesce: asyncio.Event | None = None  # stop serving HTTP (hosted shards still answer)
+        self._drained = threading.Event()  # set once the server is closed and accepted requests are done
         self._error: BaseException | None = None
         self.port = 0
         self._stats: dict = {}
+        self._hosted: dict = {}  # shard id -> PositionShard, when shards live in the ingress workers
+        self._peer_handles: dict = {}
         if settings.get("start_now", True):
             # Started here, not only by start(): a worker Ray restarts after a crash serves again at once.
-            self.start()
+            try:
+                self.start()
+            except RuntimeError:
+                if _restarted_by_ray():
+                    # Ray does not restart an actor whose constructor raised: crash instead, so it tries
+                    # again (Postgres, say, may be back by then). A first start reports to the hub.
+                    log.critical("restarted ingress worker could not start; exiting for Ray to retry",
+                                 exc_info=True)
+                    time.sleep(1.0)
+                    _exit_process()
+                raise
 
     def start(self) -> int:
         if self._thread is not None:
@@ -163,11 +177,31 @@ class IngressWorker:
             raise RuntimeError(f"ingress worker failed to start: {self._error!r}")
         return self.port
 
-    def stop(self) -> None:
-        if self._loop is not None and self._stopped is not None:
-            self._loop.call_soon_threadsafe(self._stopped.set)
+    # The actor is an asyncio actor (shard_call is a coroutine): methods that wait do it in a thread, so
+    # calls to the shards hosted here go on meanwhile; the rest return at once.
+
+    async def stop_serving(self, timeout_s: float = 30.0) -> None:
+        """Stop taking requests and finish those accepted; shards hosted here keep answering other
+        processes until ``stop``. The hub calls it on every worker before stopping any."""
+        if self._call_in_loop(lambda: self._quiesce.set()):
+            await asyncio.to_thread(self._drained.wait, timeout_s)
+
+    async def stop(self) -> None:
+        self._call_in_loop(lambda: (self._quiesce.set(), self._stopped.set()))
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            # Bounds the worker's teardown, its shards' final checkpoint included (what they acknowledged
+            # is durable already; a checkpoint cut short only means a longer replay at the next start).
+            await asyncio.to_thread(self._thread.join, self.settings.get("stop_timeout_ms", 60_000) / 1000)
+
+    def _call_in_loop(self, callback) -> bool:
+        """Run ``callback`` on the worker's event loop; False when the loop has already ended."""
+        if self._loop is None or self._stopped is None:
+            return False
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop is closed: with no hosted shards, the worker ends once drained
+            return False
+        return True
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -176,6 +210,26 @@ class IngressWorker:
         """This process's metrics, for the hub's aggregated scrape (cluster/metrics_hub.py)."""
         return metrics.process_snapshot()
 
+    async def shard_call(self, shard_id: int, method: str, *args):
+        """A call from another process (the hub, another worker, a peer shard) to a shard hosted here; it
+        runs on this worker's event loop, like the requests that reach the shard in-process. Awaited, not
+        waited for in a thread: like a shard actor's call, one the caller gave up on holds nothing."""
+        from actors.ray_shard import SHARD_METHODS
+
+        if method not in SHARD_METHODS:
+            raise LookupError(f"{method!r} is not a shard method callable from other processes")
+        shard = self._hosted.get(shard_id)
+        if shard is None:
+            raise LookupError(f"shard {shard_id} is not hosted by this ingress worker")
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(getattr(shard, method)(*args), self._loop))
+
+    async def _call_peer(self, shard_id: int, payload: bytes) -> bytes:
+        """How a hosted shard delivers credit legs: in-process if the peer is hosted here too."""
+        shard = self._hosted.get(shard_id)
+        if shard is not None:
+            return await shard.execute(payload)
+        return await self._peer_handles[shard_id].execute.remote(payload)
+
     def _run_thread(self) -> None:
         import uvloop
 
@@ -183,24 +237,31 @@ class IngressWorker:
             uvloop.run(self._main())
         except BaseException as error:  # reported to start() through _error, never lost
             self._error = error
+            if self._ready.is_set() and not (self._quiesce is not None and self._quiesce.is_set()):
+                # The loop ended on its own after serving: a live actor with no server and no shards would
+                # answer nothing. Crash, so Ray restarts it and it rebuilds.
+                log.critical("ingress worker loop ended unexpectedly", exc_info=True)
+                _exit_process()
             self._ready.set()
 
     async def _main(self) -> None:
         import asyncpg
         import ray
 
-        from actors.ray_shard import shard_actor_name
+        from actors.position_shard import PositionShard
+        from actors.ray_shard import HostedShardHandle, ingress_actor_name, shard_actor_name, shard_host_index
         from api.fspiop.agreement import AgreementHandler, RequestStore
         from api.fspiop.directory import ParticipantDirectory
         from api.fspiop.lookup import LookupCallbacks, ParticipantsHandler, PartiesHandler
         from api.fspiop.oracle import OracleRegistry
         from api.fspiop.transfers import TransferNotifier, TransfersHandler
-        from cluster.ledger_client import LedgerClient, ShardBatcher
+        from cluster.ledger_client import LedgerClient, LocalLedger, ShardBatcher
 
         s = self.settings
         metrics.configure(participants_max=s.get("metrics_participants_max", 500))
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        self._quiesce = asyncio.Event()
         pool = await asyncpg.create_pool(s["dsn"], min_size=1, max_size=s.get("pool_size", 4), command_timeout=60)
         directory = ParticipantDirectory(pool, refresh_ms=s.get("directory_refresh_ms", 2_000))
         await directory.start()
@@ -208,16 +269,34 @@ class IngressWorker:
             pool, hub_name=s["hub_name"], timeout_ms=s.get("callback_timeout_ms", 5_000),
             retries=s.get("callback_retries", 2), queue_max_per_fsp=s.get("callback_queue_max", 10_000),
         )
-        handles = {
-            shard_id: ray.get_actor(shard_actor_name(shard_id), namespace=s["namespace"])
-            for shard_id in range(s["shard_count"])
-        }
+        shard_count = s["shard_count"]
+        if s.get("shard_host", "actors") == "ingress":
+            # Shards hosted in the ingress workers: this worker's own shards are called in-process (no
+            # Ray hop, no second process); the others through the worker that hosts them.
+            workers = s["ingress_workers"]
+            handles = {
+                shard_id: HostedShardHandle(shard_id, host_name=ingress_actor_name(shard_host_index(shard_id, workers)),
+                                            namespace=s["namespace"])
+                for shard_id in range(shard_count) if shard_host_index(shard_id, workers) != s["worker_index"]
+            }
+            self._hosted = {
+                shard_id: PositionShard(shard_id, s["shard_settings"], call_peer=self._call_peer)
+                for shard_id in range(shard_count) if shard_host_index(shard_id, workers) == s["worker_index"]
+            }
+        else:
+            handles = {
+                shard_id: ray.get_actor(shard_actor_name(shard_id), namespace=s["namespace"])
+                for shard_id in range(shard_count)
+            }
+        self._peer_handles = handles
         ledger = LedgerClient(handles, call_timeout_ms=s.get("actor_call_timeout_ms", 30_000),
                               retries=s.get("actor_call_retries", 12))
+        local = LocalLedger(self._hosted)
         batchers = {
-            shard_id: ShardBatcher(ledger, shard_id, batch_max=s.get("batch_max", 256),
-                                   max_in_flight=s.get("batch_in_flight", 1), queue_max=s.get("queue_max", 20_000))
-            for shard_id in handles
+            shard_id: ShardBatcher(local if shard_id in self._hosted else ledger, shard_id,
+                                   batch_max=s.get("batch_max", 256), max_in_flight=s.get("batch_in_flight", 1),
+                                   queue_max=s.get("queue_max", 20_000))
+            for shard_id in range(shard_count)
         }
         transfers = TransfersHandler(directory=directory, batchers=batchers, notifier=notifier, pool=pool,
                                      hub_name=s["hub_name"], allow_on_us=s.get("allow_on_us", False),
@@ -247,9 +326,9 @@ class IngressWorker:
         self._ready.set()
         started = time.monotonic()
         try:
-            while not self._stopped.is_set():
+            while not self._quiesce.is_set():
                 try:
-                    await asyncio.wait_for(self._stopped.wait(), 1.0)
+                    await asyncio.wait_for(self._quiesce.wait(), 1.0)
                 except TimeoutError:
                     pass
                 self._stats = {
@@ -261,11 +340,33 @@ class IngressWorker:
         finally:
             await server.stop()
             await ingress.drain()
+            self._drained.set()
+            if self._hosted and self._quiesce.is_set():
+                # Other workers may still be sending their last commands to the shards hosted here: those
+                # flush and checkpoint what they hold once the hub says stop (after every worker drained).
+                await self._stopped.wait()
+            # Each flushes and checkpoints on its own: one that fails must not keep the others from it.
+            results = await asyncio.gather(*(shard.stop() for shard in self._hosted.values()), return_exceptions=True)
+            for shard_id, result in zip(self._hosted, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.error("hosted shard %s did not stop cleanly: %r", shard_id, result)
             await notifier.dispatcher.drain(5.0)
             await notifier.close()
             await oracles.stop()
             await directory.stop()
             await pool.close()
+
+
+def _restarted_by_ray() -> bool:
+    from actors.position_shard import _ray_runtime
+
+    return _ray_runtime()["was_restarted"]
+
+
+def _exit_process() -> None:
+    from actors.position_shard import _exit_process as exit_process
+
+    exit_process("ingress worker cannot serve")
 
 
 def _quote_check(pool, mode: str):
