@@ -278,6 +278,14 @@ async def main(args: argparse.Namespace) -> dict:
     async with bench_environment() as database_url, running_hub(
         database_url, shards=args.shards, ingress_workers=args.ingress_workers
     ) as hub:
+        config = hub.config
+        report["hub"] = {
+            "shard_host": config.shard_host, "ingress_workers": config.ingress_workers,
+            "shards": config.shard_count, "batch_in_flight": config.ingress_batch_in_flight,
+            # Every RAYLOOP_* setting this run was given (the database URL aside): what a rerun needs.
+            "environment": {k: v for k, v in sorted(os.environ.items())
+                            if k.startswith("RAYLOOP_") and k != "RAYLOOP_DATABASE_URL"},
+        }
         components = ComponentMap(database=database_url.rsplit("/", 1)[1])
         sampler = Sampler(components)
         targets: dict[str, Target] = {}
@@ -411,6 +419,17 @@ def _baseline(report: dict) -> str:
             f"duration {'an hour' if hour else 'shorter than an hour'}).")
 
 
+def _hub_line(hub: dict) -> str:
+    if not hub:
+        return "not recorded"
+    where = "in the ingress workers" if hub["shard_host"] == "ingress" else "Ray actors of their own"
+    line = (f"{hub['shards']} shards, {where} (RAYLOOP_SHARD_HOST={hub['shard_host']}); "
+            f"{hub['ingress_workers']} ingress worker(s); {hub['batch_in_flight']} call(s) in flight per shard")
+    if hub.get("environment"):
+        line += "; environment: " + ", ".join(f"`{k}={v}`" for k, v in hub["environment"].items())
+    return line
+
+
 def _markdown(report: dict, plot_note: str | None) -> str:
     median = report["median"]
     lines = [
@@ -418,6 +437,8 @@ def _markdown(report: dict, plot_note: str | None) -> str:
         "",
         f"`{report['command']}` on {report['machine']}, started {report['started_utc']}; {report['mode']}; "
         f"database: {report['database']}.",
+        "",
+        "Hub: " + _hub_line(report.get("hub", {})) + ".",
         "",
         "Shards: " + _shards_line(report.get("placement", {})) + ".",
         "",
@@ -462,7 +483,8 @@ def _markdown(report: dict, plot_note: str | None) -> str:
         "",
         "Components: `driver` is this process (the payers and their callback server, the /proc sampler, and the "
         "hub's own process: admin API, ops service, shard watchdog); `simulator` the payee process of the phase; "
-        "`ingress` and `shards` the hub's Ray actors; `ray-overhead` every other process of this benchmark's "
+        "`ingress` and `shards` the hub's Ray actors (with shards hosted in the ingress workers, the default, "
+        "`ingress` includes them and there is no `shards`); `ray-overhead` every other process of this benchmark's "
         "private Ray (gcs, raylet, idle workers); `postgres` the backends of the benchmark's database (a shared "
         "server's background writers are not included); `null-forwarder` its worker processes.",
         "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests.bench import _dashboard_markdown, onboarding_order
+from loadtests.bench import _dashboard_markdown, _hub_line, onboarding_order
 from loadtests.prometheus import dashboard_targets, grafana_expression, grafana_rate_interval_ms
 
 PAIRS = [("payer0", "payee0"), ("payer1", "payee1"), ("payer2", "payee2")]
@@ -82,3 +82,13 @@ def test_dashboard_as_typed_typescript_for_grafanas_schema_check():
     assert all("calcs" in p["options"]["legend"] for p in panels if p["type"] == "timeseries")
     with pytest.raises(ValueError, match="'stat'"):  # a panel type without schema types is not passed unchecked
         typescript_source({"panels": [{"type": "stat", "title": "x"}]})
+
+
+def test_hub_line_names_where_shards_run_and_the_settings_given():
+    hub = {"shard_host": "ingress", "ingress_workers": 1, "shards": 2, "batch_in_flight": 1,
+           "environment": {"RAYLOOP_INGRESS_BATCH_IN_FLIGHT": "4"}}
+    line = _hub_line(hub)
+    assert line.startswith("2 shards, in the ingress workers (RAYLOOP_SHARD_HOST=ingress); 1 ingress worker(s)")
+    assert line.endswith("environment: `RAYLOOP_INGRESS_BATCH_IN_FLIGHT=4`")
+    assert "Ray actors of their own" in _hub_line(dict(hub, shard_host="actors", environment={}))
+    assert _hub_line({}) == "not recorded"
