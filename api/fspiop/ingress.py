@@ -180,11 +180,11 @@ class IngressWorker:
     # The actor is an asyncio actor (shard_call is a coroutine): methods that wait do it in a thread, so
     # calls to the shards hosted here go on meanwhile; the rest return at once.
 
-    async def stop_serving(self, timeout_s: float = 30.0) -> None:
-        """Stop taking requests and finish those accepted; shards hosted here keep answering other
-        processes until ``stop``. The hub calls it on every worker before stopping any."""
+    async def stop_serving(self) -> None:
+        """Stop taking requests and finish those accepted (within ``RAYLOOP_INGRESS_STOP_TIMEOUT_MS``); shards
+        hosted here keep answering other processes until ``stop``. The hub calls it on every worker first."""
         if self._call_in_loop(lambda: self._quiesce.set()):
-            await asyncio.to_thread(self._drained.wait, timeout_s)
+            await asyncio.to_thread(self._drained.wait, self.settings.get("stop_timeout_ms", 60_000) / 1000)
 
     async def stop(self) -> None:
         self._call_in_loop(lambda: (self._quiesce.set(), self._stopped.set()))
