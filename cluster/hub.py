@@ -22,6 +22,7 @@ from api.settlement import SettlementApi
 from cluster.config import HubConfig
 from cluster.db import create_pool, migrate
 from cluster.ledger_client import LedgerClient
+from cluster.local_ray import init_local_ray
 from cluster.metrics_hub import HubMetrics, ray_sources
 from cluster.postgres import EmbeddedPostgres
 from cluster.settlement import SettlementService
@@ -154,15 +155,9 @@ class Hub:
         if config.ray_address:
             ray.init(address=config.ray_address, namespace=config.ray_namespace, log_to_driver=True)
         else:
-            # A private local Ray: loopback only (it never probes outside addresses), no dashboard.
-            ray.init(
-                address="local",  # always our own instance, never a cluster already running here
-                namespace=config.ray_namespace,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                configure_logging=False,
-                log_to_driver=True,
-            )
+            # A private local Ray: loopback only, no dashboard.
+            init_local_ray(namespace=config.ray_namespace, include_dashboard=False,
+                           configure_logging=False, log_to_driver=True)
         self._started_ray = True
 
     async def _bootstrap(self) -> None:

@@ -93,10 +93,10 @@ async def assert_conserved(hub: Hub) -> None:
 def start_local_ray(*, num_cpus: int | None = 2, log_to_driver: bool = True) -> None:
     """A private Ray for tests and benchmarks: always a new local instance (never one already running
     on the machine), on loopback, without the dashboard."""
-    import ray
+    from cluster.local_ray import init_local_ray
 
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=num_cpus,
-             configure_logging=False, log_to_driver=log_to_driver)
+    init_local_ray(include_dashboard=False, num_cpus=num_cpus, configure_logging=False,
+                   log_to_driver=log_to_driver)
 
 
 class HubThread:

@@ -21,6 +21,40 @@ def ray_session():
     ray.shutdown()
 
 
+def test_local_ray_and_every_server_of_the_hub_listen_on_loopback_only(database_url):
+    """Ray 2.60 swaps a loopback node IP for the machine's routable one unless told not to
+    (cluster/local_ray.py); the hub's private Ray must stay on 127.0.0.1 all the same."""
+    import ipaddress
+
+    import psutil
+
+    def on_loopback(host: str) -> bool:
+        address = ipaddress.ip_address(host)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
+
+    async def scenario():
+        async with running_hub(database_url):
+            assert ray.util.get_node_ip_address() == "127.0.0.1"
+            assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+            # The hub's own servers, Ray's GCS, raylet and workers (the ingress worker among them):
+            # every listening socket of this process and of everything it started.
+            processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+            listening = []
+            for process in processes:
+                try:
+                    connections = process.net_connections(kind="inet")
+                except psutil.NoSuchProcess:
+                    continue
+                listening += [(process.name(), c.laddr.ip, c.laddr.port)
+                              for c in connections if c.status == psutil.CONN_LISTEN]
+            assert any(name.startswith("raylet") for name, _, _ in listening), listening
+            assert any(name.startswith("gcs_server") for name, _, _ in listening), listening
+            beyond = [entry for entry in listening if not on_loopback(entry[1])]
+            assert beyond == [], f"listening beyond loopback: {beyond}"
+
+    uvloop.run(scenario())
+
+
 def test_onboard_fund_limit_and_read_positions(database_url):
     async def scenario():
         async with running_hub(database_url) as hub:
