@@ -39,6 +39,7 @@ import asyncpg
 
 from actors.store import FencedOut, ShardStore
 from cluster import metrics
+from cluster.db import skip_session_reset
 from core.ledger import (
     Account,
     Check,
@@ -164,6 +165,8 @@ class PositionShard:
             # chosen when the tables were small (a hash join over all of `transfer`), whose cost then
             # grows with the table. Custom plans see the real sizes: index lookups, flat flush times.
             server_settings={"plan_cache_mode": "force_custom_plan"},
+            # The shard sets no session state, so a release need not cost a reset round trip.
+            reset=skip_session_reset,
         )
         self._store = ShardStore(self._pool, self.shard_id)
         self.book = await self._store.load(dedupe_window=self.settings.dedupe_window)

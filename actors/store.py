@@ -144,6 +144,48 @@ class ShardStore:
 
     async def flush(self, batch: FlushBatch) -> None:
         """Write one batch atomically; refuses if another incarnation of the shard wrote first."""
+        if batch.checkpoint is None and not batch.participants:
+            await self._flush_in_one_call(batch)
+        else:
+            await self._flush_by_statements(batch)
+
+    async def _flush_in_one_call(self, batch: FlushBatch) -> None:
+        """The ordinary flush: one statement (``rayloop_flush``, migration 0009), so one round trip."""
+        entries, accounts = batch.entries, batch.accounts
+        inserts, updates = batch.transfer_inserts, batch.transfer_updates
+        try:
+            await self.pool.execute(
+                _FLUSH_CALL,
+                self.shard_id, batch.last_seq, batch.previous_seq,
+                [e.seq for e in entries], [int(e.kind) for e in entries], [e.transfer_id for e in entries],
+                [e.account_id or None for e in entries], [to_decimal(e.amount_minor) for e in entries],
+                [e.reason for e in entries], [e.at_ms for e in entries],
+                [e.counter_account_id or None for e in entries], [e.expires_at_ms for e in entries],
+                [a.account_id for a in accounts], [to_decimal(a.value_minor) for a in accounts],
+                [to_decimal(a.reserved_minor) for a in accounts],
+                [None if a.net_debit_cap_minor is None else to_decimal(a.net_debit_cap_minor) for a in accounts],
+                [a.is_active for a in accounts],
+                [r.transfer_id for r in inserts], [r.payer for r in inserts], [r.payee for r in inserts],
+                [r.currency for r in inserts], [to_decimal(r.amount_minor) for r in inserts],
+                [r.condition for r in inserts], [r.expires_at_ms for r in inserts],
+                [r.prepare_hash for r in inserts], [r.payer_account_id for r in inserts],
+                [r.payee_account_id for r in inserts], [str(r.state) for r in inserts],
+                [r.fulfilment for r in inserts], [r.fulfil_hash for r in inserts], [r.completed_ms for r in inserts],
+                [r.reserved_mode for r in inserts], [r.error_code for r in inserts],
+                [r.error_description for r in inserts], [r.version for r in inserts], [r.created_ms for r in inserts],
+                [r.prepare_request_id for r in inserts], [r.fulfil_request_id for r in inserts],
+                [r.transfer_id for r in updates], [str(r.state) for r in updates], [r.fulfilment for r in updates],
+                [r.fulfil_hash for r in updates], [r.completed_ms for r in updates],
+                [r.reserved_mode for r in updates], [r.error_code for r in updates],
+                [r.error_description for r in updates], [r.fulfil_request_id for r in updates],
+            )
+        except asyncpg.PostgresError as error:
+            if error.sqlstate == _FENCED_SQLSTATE:
+                raise FencedOut(error.message) from None
+            raise
+
+    async def _flush_by_statements(self, batch: FlushBatch) -> None:
+        """A flush with a checkpoint or participant changes: statement by statement, one transaction."""
         shard = self.shard_id
         checkpoint = batch.checkpoint
         async with self.pool.acquire() as connection, connection.transaction():
@@ -272,6 +314,8 @@ _TRANSFER_COLUMNS = (
     "error_code", "error_description", "version", "created_at_ms", "prepare_request_id", "fulfil_request_id",
 )
 _TRANSFER_SELECT = ", ".join(c for c in _TRANSFER_COLUMNS if c != "shard_id")
+_FLUSH_CALL = "SELECT rayloop_flush(" + ", ".join(f"${i}" for i in range(1, 48)) + ")"
+_FENCED_SQLSTATE = "RLF01"  # raised by rayloop_flush when the fence does not hold
 
 
 def _transfer_row(shard: int, r: TransferRecord) -> tuple:

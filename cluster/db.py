@@ -56,6 +56,13 @@ async def migrate(dsn: str) -> list[int]:
     return applied
 
 
+async def skip_session_reset(connection: asyncpg.Connection) -> None:
+    """A pool ``reset`` for code that leaves no session state behind (no SET, LISTEN, session advisory
+    locks or cursors outside a transaction). asyncpg's default reset sends a query (``RESET ALL``,
+    ``UNLISTEN *`` and more) on every release, a round trip per use; an open transaction is still
+    rolled back by asyncpg itself before this is called."""
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, command_timeout=60)
 

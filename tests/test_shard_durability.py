@@ -10,8 +10,8 @@ import pytest
 import uvloop
 
 from actors.position_shard import PositionShard, ShardSettings
-from core.ledger import Outcome
-from core.money import parse_amount
+from core.ledger import Check, Outcome
+from core.money import parse_amount, to_decimal
 from protos import ledger_pb2 as pb
 
 
@@ -416,5 +416,38 @@ def test_a_failed_start_is_tried_again_by_the_next_call(server_url, template_url
             await shard.stop()
         finally:
             await admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    uvloop.run(scenario())
+
+
+@pytest.mark.parametrize("with_checkpoint", [False, True], ids=["one-call flush", "statement flush"])
+def test_a_stale_incarnation_is_fenced_out_and_writes_nothing(database_url, with_checkpoint):
+    """Two books loaded from the same durable state: the first flush wins, the second is refused whole
+    (ordinary flushes go through rayloop_flush, checkpoints statement by statement; both keep the fence)."""
+    from actors.store import FencedOut, ShardStore
+
+    async def scenario():
+        ids = await _seed(database_url)
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            store = ShardStore(pool, 0)
+            live = await store.load(dedupe_window=100)
+            stale = await store.load(dedupe_window=100)
+            for book, transfer_id in ((live, "t-live"), (stale, "t-stale")):
+                result = book.reserve(transfer_id, ids["Hub.HUB_RECONCILIATION"], ids["payer.SETTLEMENT"],
+                                      parse_amount("5"), 1_000, check=Check.NONE)
+                assert result.outcome is Outcome.OK
+            await store.flush(live.drain(checkpoint=with_checkpoint))
+            with pytest.raises(FencedOut):
+                await store.flush(stale.drain(checkpoint=with_checkpoint))
+            rows = await pool.fetch("SELECT transfer_id FROM journal WHERE shard_id = 0 ORDER BY seq")
+            assert [r["transfer_id"] for r in rows] == ["t-live"]
+            assert await pool.fetchval("SELECT last_durable_seq FROM shard WHERE shard_id = 0") == live.seq
+            reserved = await pool.fetchval(
+                "SELECT reserved_value FROM account WHERE account_id = $1", ids["Hub.HUB_RECONCILIATION"])
+            assert reserved == to_decimal(parse_amount("5"))
+            await _assert_conserved(database_url)
+        finally:
+            await pool.close()
 
     uvloop.run(scenario())
