@@ -165,7 +165,8 @@ class PositionShard:
             # chosen when the tables were small (a hash join over all of `transfer`), whose cost then
             # grows with the table. Custom plans see the real sizes: index lookups, flat flush times.
             server_settings={"plan_cache_mode": "force_custom_plan"},
-            # The shard sets no session state, so a release need not cost a reset round trip.
+            # Neither the shard nor its notifier's endpoint directory (which shares this pool) sets
+            # session state, so a release need not cost a reset round trip. Keep it that way.
             reset=skip_session_reset,
         )
         self._store = ShardStore(self._pool, self.shard_id)

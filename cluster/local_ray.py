@@ -7,7 +7,9 @@ address and listen on every interface. Ray skips the swap only where its cluster
 (``ray_constants.ENABLE_RAY_CLUSTER``, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). So a private Ray is
 started with that switch off, in this process (Ray reads the constant when it resolves the address) and
 in the environment of the processes it spawns (each reads the variable when it imports Ray). Both
-are put back once Ray is up. A hub that joins a cluster (``RAYLOOP_RAY_ADDRESS``) never comes here.
+are put back in this process once Ray is up; Ray's own processes keep the variable, which only makes
+them resolve to 127.0.0.1, the node's address anyway. A hub that joins a cluster
+(``RAYLOOP_RAY_ADDRESS``) never comes here.
 """
 
 from __future__ import annotations

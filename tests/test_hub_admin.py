@@ -22,8 +22,9 @@ def ray_session():
 
 
 def test_local_ray_and_every_server_of_the_hub_listen_on_loopback_only(database_url):
-    """Ray 2.60 swaps a loopback node IP for the machine's routable one unless told not to
-    (cluster/local_ray.py); the hub's private Ray must stay on 127.0.0.1 all the same."""
+    """Ray 2.60 swaps a loopback node IP for the machine's routable one unless told not to. The private
+    Ray (started by cluster/local_ray.py, the one helper both the hub and these tests use) must stay on
+    127.0.0.1, and so must every server the hub then starts."""
     import ipaddress
 
     import psutil

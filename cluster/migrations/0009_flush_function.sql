@@ -1,5 +1,5 @@
 -- One round trip for a shard's ordinary write-behind flush (actors/store.py, ShardStore.flush).
--- Statement by statement a flush took eight round trips (BEGIN, the fence, two for each COPY, the
+-- Statement by statement a flush took nine round trips (BEGIN, the fence, two for each COPY, the
 -- account and transfer updates, COMMIT) plus the pool's reset query; each is a wakeup of the shard's
 -- event loop and of a Postgres backend. This function does the same writes in the one transaction
 -- its calling statement runs in. Flushes that carry a checkpoint or participant changes (about one
