@@ -74,6 +74,11 @@ class HubConfig:
     # Ray's task events (per actor call, kept by the GCS for `ray list tasks` and the dashboard) for the
     # shard and ingress actors; rayloop's own state API does not need them (docs/ARCHITECTURE.md).
     ray_task_events: bool = False
+    # Niceness of the private local Ray's worker processes, the ingress workers and shards among them
+    # (RAYLOOP_RAY_WORKER_NICENESS, 0 to 19). Ray's own default is 15, which left the hub's data path
+    # behind Postgres and everything else at 0 whenever the cores were busy (docs/BENCHMARKS.md). A
+    # cluster joined with RAYLOOP_RAY_ADDRESS keeps what its `ray start` was given (RAY_worker_niceness).
+    ray_worker_niceness: int = 0
     shard: ShardSettings = field(default_factory=lambda: ShardSettings(dsn=""))
     # RAYLOOP_SETTLEMENT_TICK_MS, _SCAN_MAX, _BATCH_MAX, _CLOSE_WAIT_MS, _AGGREGATE_LATE_MS (docs/SETTLEMENT.md)
     settlement: SettlementSettings = field(default_factory=SettlementSettings)
@@ -124,6 +129,7 @@ class HubConfig:
             metrics_scrape_timeout_ms=_env_int("RAYLOOP_METRICS_SCRAPE_TIMEOUT_MS", 2_000),
             metrics_participants_max=_env_int("RAYLOOP_METRICS_PARTICIPANTS_MAX", 500),
             ray_task_events=os.environ.get("RAYLOOP_RAY_TASK_EVENTS", "").lower() in ("1", "true", "yes"),
+            ray_worker_niceness=_env_int("RAYLOOP_RAY_WORKER_NICENESS", 0),
             shard=ShardSettings(dsn="", **shard_values),
             settlement=SettlementSettings(**{
                 f.name: _env_int(f"RAYLOOP_SETTLEMENT_{f.name.upper()}", f.default) for f in fields(SettlementSettings)
@@ -132,6 +138,9 @@ class HubConfig:
         values.update(overrides)
         if values["ingress_workers"] < 1:
             raise ValueError("RAYLOOP_INGRESS_WORKERS must be at least 1")
+        if not 0 <= values["ray_worker_niceness"] <= 19:
+            # Below 0 would need privileges Ray's workers do not have; 19 is the lowest priority.
+            raise ValueError("RAYLOOP_RAY_WORKER_NICENESS must be from 0 to 19")
         if values["shard_host"] not in ("ingress", "actors"):
             raise ValueError("RAYLOOP_SHARD_HOST must be ingress or actors")
         if values["transfer_quote_check"] not in ("off", "known", "valid"):

@@ -156,8 +156,8 @@ class Hub:
             ray.init(address=config.ray_address, namespace=config.ray_namespace, log_to_driver=True)
         else:
             # A private local Ray: loopback only, no dashboard.
-            init_local_ray(namespace=config.ray_namespace, include_dashboard=False,
-                           configure_logging=False, log_to_driver=True)
+            init_local_ray(namespace=config.ray_namespace, include_dashboard=False, configure_logging=False,
+                           log_to_driver=True, worker_niceness=config.ray_worker_niceness)
         self._started_ray = True
 
     async def _bootstrap(self) -> None:

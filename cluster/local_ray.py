@@ -22,8 +22,13 @@ from ray._private import ray_constants
 LOOPBACK = "127.0.0.1"
 
 
-def init_local_ray(**init_options) -> None:
-    """``ray.init`` of a new local instance (never one already running here), on loopback only."""
+def init_local_ray(*, worker_niceness: int = 0, **init_options) -> None:
+    """``ray.init`` of a new local instance (never one already running here), on loopback only.
+
+    ``worker_niceness``: Ray starts its worker processes (every actor) at niceness 15 unless told
+    otherwise, below the Postgres and clients they share cores with; rayloop's actors are its data path.
+    """
+    init_options["_system_config"] = {**init_options.get("_system_config", {}), "worker_niceness": worker_niceness}
     variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     saved_variable = os.environ.get(variable)
     saved_constant = ray_constants.ENABLE_RAY_CLUSTER

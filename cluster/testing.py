@@ -95,8 +95,9 @@ def start_local_ray(*, num_cpus: int | None = 2, log_to_driver: bool = True) -> 
     on the machine), on loopback, without the dashboard."""
     from cluster.local_ray import init_local_ray
 
+    # The hub's own setting (RAYLOOP_RAY_WORKER_NICENESS), so tests and benchmarks run its actors as it would.
     init_local_ray(include_dashboard=False, num_cpus=num_cpus, configure_logging=False,
-                   log_to_driver=log_to_driver)
+                   log_to_driver=log_to_driver, worker_niceness=HubConfig.from_env().ray_worker_niceness)
 
 
 class HubThread:

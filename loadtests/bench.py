@@ -282,6 +282,7 @@ async def main(args: argparse.Namespace) -> dict:
         report["hub"] = {
             "shard_host": config.shard_host, "ingress_workers": config.ingress_workers,
             "shards": config.shard_count, "batch_in_flight": config.ingress_batch_in_flight,
+            "worker_niceness": config.ray_worker_niceness,
             # Every RAYLOOP_* setting this run was given (the database URL aside): what a rerun needs.
             "environment": {k: v for k, v in sorted(os.environ.items())
                             if k.startswith("RAYLOOP_") and k != "RAYLOOP_DATABASE_URL"},
@@ -425,6 +426,8 @@ def _hub_line(hub: dict) -> str:
     where = "in the ingress workers" if hub["shard_host"] == "ingress" else "Ray actors of their own"
     line = (f"{hub['shards']} shards, {where} (RAYLOOP_SHARD_HOST={hub['shard_host']}); "
             f"{hub['ingress_workers']} ingress worker(s); {hub['batch_in_flight']} call(s) in flight per shard")
+    if "worker_niceness" in hub:  # reports before 2026-11-25 ran Ray's default, 15
+        line += f"; Ray workers at niceness {hub['worker_niceness']}"
     if hub.get("environment"):
         line += "; environment: " + ", ".join(f"`{k}={v}`" for k, v in hub["environment"].items())
     return line

@@ -92,3 +92,5 @@ def test_hub_line_names_where_shards_run_and_the_settings_given():
     assert line.endswith("environment: `RAYLOOP_INGRESS_BATCH_IN_FLIGHT=4`")
     assert "Ray actors of their own" in _hub_line(dict(hub, shard_host="actors", environment={}))
     assert _hub_line({}) == "not recorded"
+    assert "niceness" not in line  # an older report, which did not record it
+    assert _hub_line(dict(hub, worker_niceness=0, environment={})).endswith("; Ray workers at niceness 0")
