@@ -22,7 +22,7 @@ from api.fspiop.callbacks import (
     forward_headers,
     hub_headers,
 )
-from api.http import HttpServer, Request, Response
+from api.http import ClientPool, HttpServer, Request, Response
 
 TRANSFER_ID = "b51ec534-ee48-4575-b6a9-ead2955b8069"
 
@@ -387,6 +387,27 @@ def test_timeout_is_retried_then_fails():
             assert 0.2 <= elapsed < 0.9  # two attempts of 100 ms each, not the DFSP's 1 s
             assert sample(dispatcher, "rayloop_callbacks_total", kind="transfer_patch", outcome="failed") == 1
             assert sample(dispatcher, "rayloop_callbacks_total", kind="transfer_patch", outcome="delivered") == 0
+
+    run(scenario)
+
+
+def test_a_shared_pool_with_a_longer_timeout_still_gets_the_dispatchers_limit():
+    """A pool the dispatcher does not own may allow more; its own timeout still bounds each attempt."""
+    async def scenario():
+        dfsp = Dfsp(delay_s=1.0)
+        pool = ClientPool(request_timeout_s=30.0)
+        try:
+            async with serving(dfsp) as base, dispatching(pool=pool, timeout_ms=100, retries=1,
+                                                          backoff_ms=10) as dispatcher:
+                started = asyncio.get_running_loop().time()
+                outcome = await dispatcher.send_and_wait(
+                    "payeefsp", "PATCH", f"{base}/transfers/t1", PUT_HEADERS, b"{}", kind="transfer_patch"
+                )
+                elapsed = asyncio.get_running_loop().time() - started
+                assert outcome is Outcome.FAILED and len(dfsp.requests) == 2
+                assert 0.2 <= elapsed < 0.9  # two attempts of 100 ms each, not the pool's 30 s
+        finally:
+            await pool.close()
 
     run(scenario)
 

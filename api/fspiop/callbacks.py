@@ -626,8 +626,13 @@ class CallbackDispatcher:
         attempts = self._retries + 1
         for attempt in range(attempts):
             try:
-                async with asyncio.timeout(self._timeout_s):
+                if self._owns_pool:
+                    # Our pool's clients bound the whole request (slot, connect, exchange) by the same
+                    # timeout: a second timer per callback would only cost the event loop.
                     status, _, answer = await self._pool.request(job.method, job.url, job.headers, job.body)
+                else:
+                    async with asyncio.timeout(self._timeout_s):
+                        status, _, answer = await self._pool.request(job.method, job.url, job.headers, job.body)
             except (TimeoutError, HttpConnectionError, OSError) as exc:
                 # TimeoutError covers HttpTimeout and our own limit; OSError a failed connect.
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
