@@ -65,8 +65,11 @@ def passive() -> Behaviour:
 
 
 def onboard(hub: HubThread, sim: Simulator, name: str, *, agreement_endpoints: bool = True,
-            deposit: str = "1000") -> None:
-    """A DFSP with a position, funds, transfer endpoints and (unless told not to) the agreement endpoints."""
+            deposit: str = "1000", endpoints_instead: dict[str, str] | None = None) -> None:
+    """A DFSP with a position, funds, transfer endpoints and (unless told not to) the agreement endpoints;
+    ``endpoints_instead`` registers other URLs for some types from the start. (Changing an endpoint later
+    reaches the ingress workers only with their next periodic refresh, so a test that changed one right
+    after onboarding would race that refresh.)"""
     sim.add_dfsp(name, passive())
     status, body = hub.admin("POST", "/participants", {"name": name, "currency": CURRENCY})
     assert status == 201, body
@@ -76,6 +79,7 @@ def onboard(hub: HubThread, sim: Simulator, name: str, *, agreement_endpoints: b
     endpoints = dict(sim.endpoints(name))
     if agreement_endpoints:
         endpoints.update({endpoint_type: sim.base_url(name) for endpoint_type in AGREEMENT_ENDPOINTS})
+    endpoints.update(endpoints_instead or {})
     for endpoint_type, value in endpoints.items():
         status, body = hub.admin("POST", f"/participants/{name}/endpoints", {"type": endpoint_type, "value": value})
         assert status == 201, body
@@ -527,10 +531,8 @@ def test_authorization_is_forwarded_with_its_query_and_answers_come_back(hub):
         port = await device.start()
         try:
             async with simulator(hub) as sim:
-                payer, payee = pair(hub, sim)
-                status, body = hub.admin("POST", f"/participants/{payee}/endpoints", {
-                    "type": "FSPIOP_CALLBACK_URL_AUTHORIZATIONS", "value": f"http://127.0.0.1:{port}/device"})
-                assert status == 201, body
+                payer, payee = pair(hub, sim, endpoints_instead={
+                    "FSPIOP_CALLBACK_URL_AUTHORIZATIONS": f"http://127.0.0.1:{port}/device"})
                 request_id = str(uuid.uuid4())
                 status, _ = await sim.send("GET", f"/authorizations/{request_id}?{AUTH_QUERY}", source=payer,
                                            destination=payee, version="1.0")
