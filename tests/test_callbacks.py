@@ -374,38 +374,36 @@ def test_4xx_is_rejected_without_retry():
     run(scenario)
 
 
+async def _two_attempts_of_100_ms(pool: ClientPool | None = None) -> CallbackDispatcher:
+    """A DFSP that answers after 1 s, a dispatcher allowing 100 ms and one retry: the callback fails
+    after two attempts, well before the DFSP (or a pool's own, longer, timeout) would have answered."""
+    dfsp = Dfsp(delay_s=1.0)
+    async with serving(dfsp) as base, dispatching(pool=pool, timeout_ms=100, retries=1, backoff_ms=10) as dispatcher:
+        started = asyncio.get_running_loop().time()
+        outcome = await dispatcher.send_and_wait(
+            "payeefsp", "PATCH", f"{base}/transfers/t1", PUT_HEADERS, b"{}", kind="transfer_patch"
+        )
+        elapsed = asyncio.get_running_loop().time() - started
+        assert outcome is Outcome.FAILED and len(dfsp.requests) == 2
+        assert 0.2 <= elapsed < 0.9
+        return dispatcher
+
+
 def test_timeout_is_retried_then_fails():
     async def scenario():
-        dfsp = Dfsp(delay_s=1.0)
-        async with serving(dfsp) as base, dispatching(timeout_ms=100, retries=1, backoff_ms=10) as dispatcher:
-            started = asyncio.get_running_loop().time()
-            outcome = await dispatcher.send_and_wait(
-                "payeefsp", "PATCH", f"{base}/transfers/t1", PUT_HEADERS, b"{}", kind="transfer_patch"
-            )
-            elapsed = asyncio.get_running_loop().time() - started
-            assert outcome is Outcome.FAILED and len(dfsp.requests) == 2
-            assert 0.2 <= elapsed < 0.9  # two attempts of 100 ms each, not the DFSP's 1 s
-            assert sample(dispatcher, "rayloop_callbacks_total", kind="transfer_patch", outcome="failed") == 1
-            assert sample(dispatcher, "rayloop_callbacks_total", kind="transfer_patch", outcome="delivered") == 0
+        dispatcher = await _two_attempts_of_100_ms()
+        assert sample(dispatcher, "rayloop_callbacks_total", kind="transfer_patch", outcome="failed") == 1
+        assert sample(dispatcher, "rayloop_callbacks_total", kind="transfer_patch", outcome="delivered") == 0
 
     run(scenario)
 
 
 def test_a_shared_pool_with_a_longer_timeout_still_gets_the_dispatchers_limit():
-    """A pool the dispatcher does not own may allow more; its own timeout still bounds each attempt."""
+    """A pool the dispatcher does not own may allow 30 s; the dispatcher's 100 ms still bounds each attempt."""
     async def scenario():
-        dfsp = Dfsp(delay_s=1.0)
         pool = ClientPool(request_timeout_s=30.0)
         try:
-            async with serving(dfsp) as base, dispatching(pool=pool, timeout_ms=100, retries=1,
-                                                          backoff_ms=10) as dispatcher:
-                started = asyncio.get_running_loop().time()
-                outcome = await dispatcher.send_and_wait(
-                    "payeefsp", "PATCH", f"{base}/transfers/t1", PUT_HEADERS, b"{}", kind="transfer_patch"
-                )
-                elapsed = asyncio.get_running_loop().time() - started
-                assert outcome is Outcome.FAILED and len(dfsp.requests) == 2
-                assert 0.2 <= elapsed < 0.9  # two attempts of 100 ms each, not the pool's 30 s
+            await _two_attempts_of_100_ms(pool)
         finally:
             await pool.close()
 
