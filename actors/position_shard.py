@@ -97,12 +97,16 @@ class PositionShard:
         settings: ShardSettings,
         *,
         call_peer: PeerCall | None = None,
+        local_peer: Callable[[int], PositionShard | None] | None = None,
         clock_ms: Callable[[], int] | None = None,
         on_fatal: Callable[[str], None] | None = None,
     ):
         self.shard_id = shard_id
         self.settings = settings
         self._call_peer = call_peer
+        # A peer shard in this same process (hosted by the same ingress worker), or None: its credit legs
+        # are handed over as messages, not serialized and parsed on both sides.
+        self._local_peer = local_peer
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._on_fatal = on_fatal or _exit_process
         self._started: asyncio.Task | None = None
@@ -623,17 +627,20 @@ class PositionShard:
                 pb.CreditLeg(transfer_id=c.transfer_id, credit_account_id=c.credit_account_id,
                              amount_minor=str(c.amount_minor), currency=c.currency)
             )
-        payload = batch.SerializeToString()
+        peer = self._local_peer(shard) if self._local_peer is not None and shard != self.shard_id else None
         if shard == self.shard_id:
             # An account created on this shard after the commit: load it, then apply here.
             for c in credits:
                 batch.commands.add().load_account.account_id = c.credit_account_id
-            reply_bytes = await self.execute(_loads_first(batch))
+            reply = pb.BatchResult.FromString(await self.execute(_loads_first(batch)))
+        elif peer is not None:
+            reply = await asyncio.wait_for(peer.execute_commands(batch.commands, wait_durable=True),
+                                           timeout_ms / 1000)
         else:
             if self._call_peer is None:
                 raise RuntimeError("no peer transport configured")
-            reply_bytes = await asyncio.wait_for(self._call_peer(shard, payload), timeout_ms / 1000)
-        reply = pb.BatchResult.FromString(reply_bytes)
+            reply = pb.BatchResult.FromString(
+                await asyncio.wait_for(self._call_peer(shard, batch.SerializeToString()), timeout_ms / 1000))
         ok = (Outcome.OK.value, Outcome.DUPLICATE.value)
         results = reply.results[-len(credits):] if shard == self.shard_id else reply.results
         acked = [c.transfer_id for c, r in zip(credits, results, strict=True) if r.outcome in ok]

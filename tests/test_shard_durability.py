@@ -47,16 +47,19 @@ def _reserve(transfer_id, debit, credit, amount, *, check=pb.CHECK_LIQUIDITY_AND
 
 
 class Cluster:
-    """Two in-process shards that call each other directly (the Ray transport's stand-in)."""
+    """Two in-process shards that call each other directly: with serialized batches (the Ray transport's
+    stand-in), or, ``local=True``, handing messages over as shards hosted by one ingress worker do."""
 
-    def __init__(self, url: str, **settings):
+    def __init__(self, url: str, *, local: bool = False, **settings):
         self.settings = ShardSettings(dsn=url, **{"credit_retry_ms": 20, "expiry_tick_ms": 10, **settings})
+        self.local = local
         self.shards: dict[int, PositionShard] = {}
         for shard_id in (0, 1):
             self.restart(shard_id)
 
     def restart(self, shard_id: int) -> PositionShard:
-        self.shards[shard_id] = PositionShard(shard_id, self.settings, call_peer=self._call, on_fatal=_raise)
+        self.shards[shard_id] = PositionShard(shard_id, self.settings, call_peer=self._call, on_fatal=_raise,
+                                              local_peer=self.shards.get if self.local else None)
         return self.shards[shard_id]
 
     async def _call(self, shard_id: int, payload: bytes) -> bytes:
@@ -104,10 +107,11 @@ async def _assert_conserved(url: str, cluster: Cluster | None = None) -> None:
             assert values - reserved - owed == 0, f"live {currency}: {values} - {reserved} - {owed}"
 
 
-def test_transfers_are_durable_conserved_and_survive_restart(database_url):
+@pytest.mark.parametrize("local", [False, True], ids=["serialized peers", "in-process peers"])
+def test_transfers_are_durable_conserved_and_survive_restart(database_url, local):
     async def scenario():
         ids = await _seed(database_url)
-        cluster = Cluster(database_url)
+        cluster = Cluster(database_url, local=local)
         try:
             # Funds in: hub reconciliation (shard 0) -> payee's and payer's settlement accounts.
             for name in ("payer", "payee"):

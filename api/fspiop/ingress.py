@@ -224,11 +224,12 @@ class IngressWorker:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(getattr(shard, method)(*args), self._loop))
 
     async def _call_peer(self, shard_id: int, payload: bytes) -> bytes:
-        """How a hosted shard delivers credit legs: in-process if the peer is hosted here too."""
-        shard = self._hosted.get(shard_id)
-        if shard is not None:
-            return await shard.execute(payload)
+        """How a hosted shard delivers credit legs to a shard in another process (those hosted here are
+        reached in-process: ``local_peer``)."""
         return await self._peer_handles[shard_id].execute.remote(payload)
+
+    def _hosted_shard(self, shard_id: int):
+        return self._hosted.get(shard_id)
 
     def _run_thread(self) -> None:
         import uvloop
@@ -280,7 +281,8 @@ class IngressWorker:
                 for shard_id in range(shard_count) if shard_host_index(shard_id, workers) != s["worker_index"]
             }
             self._hosted = {
-                shard_id: PositionShard(shard_id, s["shard_settings"], call_peer=self._call_peer)
+                shard_id: PositionShard(shard_id, s["shard_settings"], call_peer=self._call_peer,
+                                        local_peer=self._hosted_shard)
                 for shard_id in range(shard_count) if shard_host_index(shard_id, workers) == s["worker_index"]
             }
         else:
