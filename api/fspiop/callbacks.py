@@ -18,6 +18,7 @@ idempotent PUTs, so delivering one twice (a retry after a lost response) is harm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -437,6 +438,8 @@ def _tell(on_outcome: Callable[[Outcome], None] | None, outcome: Outcome) -> Non
 _LOG_INTERVAL_S = 1.0  # per DFSP: at most one failure line per second, so a dead DFSP cannot flood the log
 
 
+_NO_LIMIT = contextlib.nullcontext()  # stateless, so one instance serves every delivery
+
 class CallbackDispatcher:
     """Delivers callbacks without ever making the caller wait on a DFSP. See the module docstring.
 
@@ -625,14 +628,12 @@ class CallbackDispatcher:
     async def _deliver(self, lane: _Lane, job: _Job) -> Outcome:
         attempts = self._retries + 1
         for attempt in range(attempts):
+            # Our own pool's clients bound the whole request (slot, connect, exchange) by the same timeout:
+            # a second timer per callback would only cost the event loop. A pool passed in gets our limit.
+            limit = _NO_LIMIT if self._owns_pool else asyncio.timeout(self._timeout_s)
             try:
-                if self._owns_pool:
-                    # Our pool's clients bound the whole request (slot, connect, exchange) by the same
-                    # timeout: a second timer per callback would only cost the event loop.
+                async with limit:
                     status, _, answer = await self._pool.request(job.method, job.url, job.headers, job.body)
-                else:
-                    async with asyncio.timeout(self._timeout_s):
-                        status, _, answer = await self._pool.request(job.method, job.url, job.headers, job.body)
             except (TimeoutError, HttpConnectionError, OSError) as exc:
                 # TimeoutError covers HttpTimeout and our own limit; OSError a failed connect.
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
