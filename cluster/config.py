@@ -50,6 +50,9 @@ class HubConfig:
     callback_timeout_ms: int = 5_000
     callback_retries: int = 2
     callback_queue_max: int = 10_000  # per destination DFSP and ingress process
+    # Deliver callbacks from a sender process beside each ingress worker (api/fspiop/callback_sender.py)
+    # instead of on the worker's own event loop.
+    callback_process: bool = False
     actor_call_timeout_ms: int = 30_000  # one Ray call to a shard, durability wait included
     shard_ping_interval_ms: int = 1_000  # the hub's watchdog: restarted shards resume at once
     # Retries of a call whose outcome is unknown (the actor died): 12 with backoff capped at 1 s span
@@ -115,6 +118,7 @@ class HubConfig:
             callback_timeout_ms=_env_int("RAYLOOP_CALLBACK_TIMEOUT_MS", 5_000),
             callback_retries=_env_int("RAYLOOP_CALLBACK_RETRIES", 2),
             callback_queue_max=_env_int("RAYLOOP_CALLBACK_QUEUE_MAX", 10_000),
+            callback_process=_env_str("RAYLOOP_CALLBACK_PROCESS", "off").lower() in ("1", "true", "yes", "on"),
             actor_call_timeout_ms=_env_int("RAYLOOP_ACTOR_CALL_TIMEOUT_MS", 30_000),
             shard_ping_interval_ms=_env_int("RAYLOOP_SHARD_PING_INTERVAL_MS", 1_000),
             actor_call_retries=_env_int("RAYLOOP_ACTOR_CALL_RETRIES", 12),

@@ -86,8 +86,8 @@ def _by_cmdline(cmdline: str, inherited: str, is_root: bool) -> str:
         return "driver"
     if inherited:
         return inherited
-    if "IngressWorker" in cmdline:
-        return "ingress"
+    if "IngressWorker" in cmdline or "api.fspiop.callback_sender" in cmdline:
+        return "ingress"  # the worker, and its callback sender process when RAYLOOP_CALLBACK_PROCESS is on
     if "PositionShard" in cmdline:
         return "shards"
     if cmdline.startswith("postgres") or "/postgres " in f"{cmdline.split(' ')[0]} ":

@@ -269,6 +269,7 @@ class IngressWorker:
         notifier = await TransferNotifier.create(
             pool, hub_name=s["hub_name"], timeout_ms=s.get("callback_timeout_ms", 5_000),
             retries=s.get("callback_retries", 2), queue_max_per_fsp=s.get("callback_queue_max", 10_000),
+            sender_process=s.get("callback_process", False),
         )
         shard_count = s["shard_count"]
         if s.get("shard_host", "actors") == "ingress":

@@ -99,11 +99,20 @@ class TransferNotifier:
         self.hub_name = hub_name
 
     @classmethod
-    async def create(cls, pool: asyncpg.Pool, *, hub_name: str, **dispatcher_options) -> TransferNotifier:
+    async def create(
+        cls, pool: asyncpg.Pool, *, hub_name: str, sender_process: bool = False, **dispatcher_options
+    ) -> TransferNotifier:
+        """``sender_process``: deliveries run in a child process (api/fspiop/callback_sender.py)."""
         # A short reload interval: a DFSP registered a moment ago must be found on its first callback.
         endpoints = EndpointDirectory(pool, reload_min_interval_ms=50)
         await endpoints.start()
-        dispatcher = CallbackDispatcher(metrics=_process_metrics(), **dispatcher_options)
+        if sender_process:
+            from api.fspiop.callback_sender import CallbackSenderProcess
+
+            dispatcher = CallbackSenderProcess(metrics=_process_metrics(), **dispatcher_options)
+            await dispatcher.start()
+        else:
+            dispatcher = CallbackDispatcher(metrics=_process_metrics(), **dispatcher_options)
         return cls(endpoints, dispatcher, hub_name=hub_name)
 
     async def close(self) -> None:
