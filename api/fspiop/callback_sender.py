@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import orjson
 
-from api.fspiop.callbacks import CallbackDispatcher, CallbackMetrics, HeaderList, Outcome, _tell
+from api.fspiop.callbacks import CallbackDispatcher, CallbackMetrics, HeaderList, Outcome, _tell, delivery_options
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +76,10 @@ class CallbackSenderProcess:
     handed to the sender and not finished (queued there or in flight).
     """
 
-    def __init__(
-        self,
-        *,
-        queue_max_per_fsp: int = 10_000,
-        concurrency_per_fsp: int = 8,
-        timeout_ms: int = 5_000,
-        retries: int = 2,
-        backoff_ms: int = 100,
-        backoff_max_ms: int = 2_000,
-        metrics: CallbackMetrics | None = None,
-    ):
-        if queue_max_per_fsp < 1 or concurrency_per_fsp < 1 or retries < 0 or timeout_ms <= 0:
-            raise ValueError("queue_max_per_fsp and concurrency_per_fsp must be >= 1, retries >= 0, timeout_ms > 0")
-        self._options = dict(queue_max_per_fsp=queue_max_per_fsp, concurrency_per_fsp=concurrency_per_fsp,
-                             timeout_ms=timeout_ms, retries=retries, backoff_ms=backoff_ms,
-                             backoff_max_ms=backoff_max_ms)
-        self._queue_max = queue_max_per_fsp
+    def __init__(self, *, metrics: CallbackMetrics | None = None, **options: int):
+        """``options``: those of ``CallbackDispatcher`` (queue_max_per_fsp, timeout_ms, retries, ...)."""
+        self._options = delivery_options(**options)
+        self._queue_max = self._options["queue_max_per_fsp"]
         self.metrics = metrics or CallbackMetrics()
         self._next_id = 0
         # id -> (fsp, kind, queued_at, on_outcome)

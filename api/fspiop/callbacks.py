@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
 import re
@@ -438,6 +439,22 @@ def _tell(on_outcome: Callable[[Outcome], None] | None, outcome: Outcome) -> Non
 _LOG_INTERVAL_S = 1.0  # per DFSP: at most one failure line per second, so a dead DFSP cannot flood the log
 
 
+def _check_delivery_options(queue_max_per_fsp: int, concurrency_per_fsp: int, timeout_ms: int, retries: int) -> None:
+    if queue_max_per_fsp < 1 or concurrency_per_fsp < 1 or retries < 0 or timeout_ms <= 0:
+        raise ValueError("queue_max_per_fsp and concurrency_per_fsp must be >= 1, retries >= 0, timeout_ms > 0")
+
+
+def delivery_options(**options: int) -> dict[str, int]:
+    """``CallbackDispatcher``'s delivery options with its defaults filled in, checked as it checks them
+    (for a dispatcher that runs elsewhere: api/fspiop/callback_sender.py)."""
+    bound = inspect.signature(CallbackDispatcher).bind(**options)
+    bound.apply_defaults()
+    chosen = {name: value for name, value in bound.arguments.items() if name not in ("pool", "metrics")}
+    _check_delivery_options(chosen["queue_max_per_fsp"], chosen["concurrency_per_fsp"], chosen["timeout_ms"],
+                            chosen["retries"])
+    return chosen
+
+
 _NO_LIMIT = contextlib.nullcontext()  # stateless, so one instance serves every delivery
 
 class CallbackDispatcher:
@@ -470,8 +487,7 @@ class CallbackDispatcher:
         backoff_max_ms: int = 2_000,
         metrics: CallbackMetrics | None = None,
     ):
-        if queue_max_per_fsp < 1 or concurrency_per_fsp < 1 or retries < 0 or timeout_ms <= 0:
-            raise ValueError("queue_max_per_fsp and concurrency_per_fsp must be >= 1, retries >= 0, timeout_ms > 0")
+        _check_delivery_options(queue_max_per_fsp, concurrency_per_fsp, timeout_ms, retries)
         self._timeout_s = timeout_ms / 1000
         self._owns_pool = pool is None
         # Our own pool gets our timeout, and connections enough for every worker of a DFSP.
