@@ -116,3 +116,26 @@ def test_the_setting_is_off_unless_asked_for(monkeypatch):
     assert HubConfig.from_env().callback_process is False
     monkeypatch.setenv("RAYLOOP_CALLBACK_PROCESS", "on")
     assert HubConfig.from_env().callback_process is True
+
+
+def test_a_sender_that_cannot_start_drops_what_was_queued_for_it(monkeypatch):
+    import subprocess
+
+    async def main():
+        sender = _sender(timeout_ms=1_000, retries=0)
+        outcomes: list[Outcome] = []
+
+        def refuse(*args, **kwargs):
+            raise OSError(12, "Cannot allocate memory")
+
+        monkeypatch.setattr(subprocess, "Popen", refuse)
+        try:
+            assert sender.send("fsp", "PUT", "http://127.0.0.1:9/x", PUT_HEADERS, b"{}", kind="transfer_put",
+                               on_outcome=outcomes.append)
+            assert await sender.drain(5.0)
+            assert outcomes == [Outcome.DROPPED] and sender.pending == 0
+            assert sample(sender, "rayloop_callbacks_total", kind="transfer_put", outcome="dropped") == 1
+        finally:
+            await sender.close()
+
+    run(main)

@@ -37,7 +37,15 @@ from collections.abc import Callable
 
 import orjson
 
-from api.fspiop.callbacks import CallbackDispatcher, CallbackMetrics, HeaderList, Outcome, _tell, delivery_options
+from api.fspiop.callbacks import (
+    CallbackDispatcher,
+    CallbackMetrics,
+    HeaderList,
+    Outcome,
+    _tell,
+    delivery_options,
+    wait_until_set,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +144,7 @@ class CallbackSenderProcess:
         return len(self._waiting)
 
     async def drain(self, timeout_s: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_until_set(self._idle, timeout_s)
 
     async def close(self) -> None:
         """Stop at once: what the sender still holds is dropped (call ``drain`` first to wait for it)."""
@@ -164,8 +167,20 @@ class CallbackSenderProcess:
     def _start_soon(self) -> None:
         if self._starting is None or self._starting.done():
             self._starting = asyncio.get_running_loop().create_task(self._connect())
+            self._starting.add_done_callback(self._started)
+
+    def _started(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # No sender (fork failed, out of memory...): what was queued for it can never go, so it is
+        # dropped now rather than left pending; the next callback tries to start one again.
+        log.error("callback sender process could not start: %r; %d callbacks dropped",
+                  task.exception(), len(self._waiting))
+        self._drop_all()
 
     async def _connect(self) -> None:
+        if self._process is not None:
+            self._process.poll()  # reap the one that died, so no zombie is left behind
         parent, child = socket.socketpair()
         try:
             self._process = subprocess.Popen(

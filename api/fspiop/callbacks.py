@@ -455,6 +455,16 @@ def delivery_options(**options: int) -> dict[str, int]:
     return chosen
 
 
+async def wait_until_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for ``event``; False if ``timeout_s`` passed first."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 _NO_LIMIT = contextlib.nullcontext()  # stateless, so one instance serves every delivery
 
 class CallbackDispatcher:
@@ -548,12 +558,7 @@ class CallbackDispatcher:
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every queued callback reached its outcome; False if ``timeout_s`` passed first."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_until_set(self._idle, timeout_s)
 
     async def close(self) -> None:
         """Stop at once: cancel the workers, drop what is still queued or in flight, close our pool.
