@@ -290,6 +290,30 @@ def test_unsupported_content_version_is_406_with_the_supported_list():
     assert exc.value.extensions == [("1", "0"), ("1", "1")]
 
 
+def test_parsed_header_values_are_remembered_per_resource_and_stay_bounded():
+    checker = HeaderChecker()
+    first = checker.check(_POST_TRANSFERS, _headers("POST"))
+    assert checker.check(_POST_TRANSFERS, _headers("POST")) == first
+    # The same media type text for another resource is a different question, answered afresh.
+    with pytest.raises(FspiopError) as exc:
+        checker.check(resolve("POST", "/quotes"),
+                      _headers("POST", accept=_mt("quotes", "1"), content_type=_mt("transfers", "1.1")))
+    _assert_error(exc, 3101, 400, "Malformed syntax - content-type")
+    # A refused value is refused every time: failures are never remembered as answers.
+    for _ in range(2):
+        with pytest.raises(FspiopError) as exc:
+            checker.check(_POST_TRANSFERS, _headers("POST", accept=_mt("transfers", "2.0")))
+        _assert_error(exc, 3001, 406, "Unacceptable version requested - accept")
+    # A client sending ever-new values cannot grow the caches without bound.
+    for minor in range(1000):
+        accept = f"{_mt('transfers', '1.1')}, {_mt('transfers', f'9.{minor}')}"
+        assert checker.check(_POST_TRANSFERS, _headers("POST", accept=accept)).response == (1, 1)
+    assert len(checker._accepted) <= 256
+    assert parse_date(_DATE) is parse_date(_DATE)
+    with pytest.raises(ValueError):
+        parse_date("Tue, 15 Nov 1994 08:12:31 UTC")
+
+
 def test_authorizations_and_transactions_are_1_0_only():
     assert DEFAULT_VERSIONS["authorizations"] == ((1, 0),)
     assert DEFAULT_VERSIONS["transactions"] == ((1, 0),)
@@ -970,3 +994,16 @@ def test_transfer_validation_cost():
         best = min(best, (time.perf_counter() - start) / rounds)
     print(f"\nvalidate(POST /transfers, {len(raw)} bytes): {best * 1e6:.1f} us per body")
     assert validate(_POST_TRANSFERS, raw) == TRANSFER
+
+
+def test_fspiop_datetimes_convert_to_epoch_ms_exactly():
+    from api.fspiop.transfers import iso_ms, parse_datetime_ms
+
+    # Through a float this one came out at ...271 ms, so an echoed completedTimestamp changed.
+    assert parse_datetime_ms("1987-01-31T20:45:10.272Z") == 539_124_310_272
+    assert iso_ms(539_124_310_272) == "1987-01-31T20:45:10.272Z"
+    for epoch_ms in range(1_795_000_000_000, 1_795_000_000_000 + 5_000, 7):
+        assert parse_datetime_ms(iso_ms(epoch_ms)) == epoch_ms
+    assert parse_datetime_ms("2026-11-25T10:00:00.500+02:00") == parse_datetime_ms("2026-11-25T08:00:00.500Z")
+    assert parse_datetime_ms("2026-11-25T08:00:00.500") == parse_datetime_ms("2026-11-25T08:00:00.500Z")
+    assert parse_datetime_ms("1969-12-31T23:59:59.999Z") == -1

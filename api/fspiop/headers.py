@@ -30,6 +30,7 @@ Descriptions name the header in lower case: ``"Missing mandatory element - fspio
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -126,13 +127,27 @@ def _present(headers: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
+@functools.lru_cache(maxsize=256)
 def parse_date(value: str) -> datetime:
-    """An IMF-fixdate (RFC 7231 7.1.1.1) as an aware UTC datetime; ValueError if it is not one."""
+    """An IMF-fixdate (RFC 7231 7.1.1.1) as an aware UTC datetime; ValueError if it is not one.
+
+    Cached: DFSPs stamp every request of the same second with the same Date, so a busy hub parses each
+    value once rather than on every request (an invalid one raises and is not cached)."""
     m = _IMF_FIXDATE_RE.fullmatch(value)
     if m is None:
         raise ValueError(f"not an IMF-fixdate: {value!r}")
     day, month, year, hour, minute, second = m.groups()
     return datetime(int(year), _MONTHS[month], int(day), int(hour), int(minute), int(second), tzinfo=UTC)
+
+
+_PARSED_HEADERS_MAX = 256
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) >= _PARSED_HEADERS_MAX:
+        cache.clear()  # only a client sending ever-new values gets here; it just parses every time
+    cache[key] = value
+    return value
 
 
 class HeaderChecker:
@@ -156,6 +171,10 @@ class HeaderChecker:
             self._supported[resource] = ordered
             self._extensions[resource] = [(str(major), str(minor)) for major, minor in ordered]
         self._content_type_required_without_body = content_type_required_without_body
+        # (resource, header value) -> negotiated version. A DFSP sends the same few Accept and Content-Type
+        # values on every request, so each is parsed once; bounded, and only successes are kept.
+        self._accepted: dict[tuple[str, str], Version] = {}
+        self._contents: dict[tuple[str, str], Version] = {}
 
     def supported(self, resource: str) -> tuple[Version, ...]:
         return self._supported[resource]
@@ -194,7 +213,9 @@ class HeaderChecker:
         accept = _present(headers, "accept")
         response: Version | None = None
         if accept is not None:
-            response = self._negotiate_accept(resource, accept)
+            response = self._accepted.get((resource, accept))
+            if response is None:
+                response = _remember(self._accepted, (resource, accept), self._negotiate_accept(resource, accept))
         elif method in _METHODS_REQUIRING_ACCEPT:
             raise _missing("accept")
 
@@ -209,7 +230,10 @@ class HeaderChecker:
         content_type = _present(headers, "content-type")
         content: Version | None = None
         if content_type is not None:
-            content = self._content_version(resource, content_type)
+            content = self._contents.get((resource, content_type))
+            if content is None:
+                content = _remember(self._contents, (resource, content_type),
+                                    self._content_version(resource, content_type))
         elif method in _METHODS_WITH_BODY or self._content_type_required_without_body:
             raise _missing("content-type")
 

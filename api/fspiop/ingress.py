@@ -42,6 +42,20 @@ REQUESTS = Counter(
 )
 
 
+# (resource, method, status) -> counter child: labels() takes a lock and hashes its arguments on every
+# call, twice per transfer. Every part is bounded (routes.RESOURCES or "other", httptools' method names,
+# the hub's own statuses), so the cache is too.
+_REQUEST_COUNTERS: dict[tuple[str, str, str], object] = {}
+
+
+def _count_request(resource: str, method: str, status: str) -> None:
+    key = (resource, method, status)
+    child = _REQUEST_COUNTERS.get(key)
+    if child is None:
+        child = _REQUEST_COUNTERS[key] = REQUESTS.labels(resource, method, status)
+    child.inc()
+
+
 def _error_response(error: FspiopError) -> Response:
     return Response(error.http_status, orjson.dumps(error.to_body()), content_type="application/json")
 
@@ -85,16 +99,16 @@ class FspiopIngress:
             body = schema.validate(route, request.body) if schema.has_body(route) else None
             work = self._work_for(route, request, body, negotiated, received)
         except FspiopError as error:
-            REQUESTS.labels(_resource_of(request.path), request.method, str(error.http_status)).inc()
+            _count_request(_resource_of(request.path), request.method, str(error.http_status))
             return _error_response(error)
         if len(self._tasks) >= self.max_background_tasks:
-            REQUESTS.labels(route.resource, request.method, "503").inc()
+            _count_request(route.resource, request.method, "503")
             return _error_response(FspiopError(2005, "too many requests in progress"))
         task = asyncio.get_running_loop().create_task(self._run(work, route.template, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         status = 202 if request.method in ("POST", "GET", "DELETE") else 200
-        REQUESTS.labels(route.resource, request.method, str(status)).inc()
+        _count_request(route.resource, request.method, str(status))
         return Response(status)
 
     def _work_for(self, route, request: Request, body, negotiated, received: float | None = None):
