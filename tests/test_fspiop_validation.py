@@ -309,6 +309,8 @@ def test_parsed_header_values_are_remembered_per_resource_and_stay_bounded():
         accept = f"{_mt('transfers', '1.1')}, {_mt('transfers', f'9.{minor}')}"
         assert checker.check(_POST_TRANSFERS, _headers("POST", accept=accept)).response == (1, 1)
     assert len(checker._accepted) <= 256
+    checker.cache_clear()
+    assert checker.check(_POST_TRANSFERS, _headers("POST")) == first
     assert parse_date(_DATE) is parse_date(_DATE)
     with pytest.raises(ValueError):
         parse_date("Tue, 15 Nov 1994 08:12:31 UTC")
@@ -1007,3 +1009,12 @@ def test_fspiop_datetimes_convert_to_epoch_ms_exactly():
     assert parse_datetime_ms("2026-11-25T10:00:00.500+02:00") == parse_datetime_ms("2026-11-25T08:00:00.500Z")
     assert parse_datetime_ms("2026-11-25T08:00:00.500") == parse_datetime_ms("2026-11-25T08:00:00.500Z")
     assert parse_datetime_ms("1969-12-31T23:59:59.999Z") == -1
+
+
+def test_header_bench_reports_both_ways(capsys):
+    from loadtests import header_bench
+
+    header_bench.main(["--transfers", "50", "--rounds", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[1].split(" (")[0].strip() for row in rows] == ["remembered", "never seen"]
+    assert all(float(row[2]) > 0 for row in rows)

@@ -176,6 +176,11 @@ class HeaderChecker:
         self._accepted: dict[tuple[str, str], Version] = {}
         self._contents: dict[tuple[str, str], Version] = {}
 
+    def cache_clear(self) -> None:
+        """Forget the remembered Accept and Content-Type values (as ``parse_date.cache_clear()`` for Dates)."""
+        self._accepted.clear()
+        self._contents.clear()
+
     def supported(self, resource: str) -> tuple[Version, ...]:
         return self._supported[resource]
 
