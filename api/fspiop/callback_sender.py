@@ -99,7 +99,6 @@ class CallbackSenderProcess:
         self._link: _Link | None = None
         self._starting: asyncio.Task | None = None
         self._process: subprocess.Popen | None = None
-        self._kinds: set[str] = set()
         self._outcome_metrics: dict[tuple[str, Outcome], tuple] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -112,10 +111,7 @@ class CallbackSenderProcess:
         self, fsp: str, method: str, url: str, headers: HeaderList, body: bytes, *, kind: str,
         on_outcome: Callable[[Outcome], None] | None = None,
     ) -> bool:
-        if kind not in self._kinds:
-            self._kinds.add(kind)
-            for outcome in Outcome:
-                self.metrics.total.labels(kind, outcome)
+        self.metrics.start_kind(kind)
         if self._closed or self._per_fsp[fsp] >= self._queue_max:
             self.metrics.total.labels(kind, Outcome.DROPPED).inc()
             _tell(on_outcome, Outcome.DROPPED)

@@ -397,6 +397,18 @@ class CallbackMetrics:
             ["fsp"],
             registry=registry,
         )
+        # Kinds whose counters exist for every outcome. A series that first appears at 1 hides that
+        # increment from rate(), so a DFSP's first rejected (or dropped) callbacks would never show on the
+        # dashboard's error panel; the first callback of a kind creates them all at 0. Kinds are a fixed
+        # set in the code (resource and method).
+        self._kinds: set[str] = set()
+
+    def start_kind(self, kind: str) -> None:
+        """Creates ``kind``'s counter for every outcome at 0, the first time a callback of that kind comes."""
+        if kind not in self._kinds:
+            self._kinds.add(kind)
+            for outcome in Outcome:
+                self.total.labels(kind, outcome)
 
 
 @dataclass(slots=True)
@@ -516,11 +528,6 @@ class CallbackDispatcher:
         self._pending = 0  # queued or in flight, over all lanes
         # (kind, outcome) -> (counter child, histogram child): labels() takes a lock and hashes every time.
         self._outcome_metrics: dict[tuple[str, Outcome], tuple[Counter, Histogram]] = {}
-        # Kinds whose counters exist for every outcome. A series that first appears at 1 hides that
-        # increment from rate(), so a DFSP's first rejected (or dropped) callbacks would never show on the
-        # dashboard's error panel; the first callback of a kind creates them all at 0. Kinds are a fixed
-        # set in the code (resource and method).
-        self._kinds: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -594,10 +601,7 @@ class CallbackDispatcher:
         done: asyncio.Future[Outcome] | None,
         on_outcome: Callable[[Outcome], None] | None = None,
     ) -> bool:
-        if kind not in self._kinds:
-            self._kinds.add(kind)
-            for outcome in Outcome:
-                self.metrics.total.labels(kind, outcome)
+        self.metrics.start_kind(kind)
         if self._closed:
             self.metrics.total.labels(kind, Outcome.DROPPED).inc()
             _tell(on_outcome, Outcome.DROPPED)
