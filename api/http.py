@@ -5,13 +5,16 @@ belongs to the ledger. The price is scope: no TLS, no upgrades/WebSockets, no tr
 compression. Everything here is what FSPIOP needs: JSON bodies, keep-alive, pipelining, limits.
 
 Server: ``HttpServer(handler).start()`` calls ``await handler(Request) -> Response`` for each
-request, in order per connection. Client: ``HttpClient(host, port)`` for one origin, or
-``ClientPool`` keyed by origin for absolute ``http://`` URLs (outbound DFSP callbacks).
+request, in order per connection. A plain (``def``) handler is called straight from the parser when
+nothing is queued on the connection, and its answer written at once: no task per request. Client:
+``HttpClient(host, port)`` for one origin, or ``ClientPool`` keyed by origin for absolute ``http://``
+URLs (outbound DFSP callbacks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import deque
@@ -58,7 +61,7 @@ class Response:
     content_type: str | None = None
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable[Response]] | Callable[[Request], Response]
 
 
 class HttpTimeout(asyncio.TimeoutError):
@@ -405,6 +408,16 @@ class _ServerConnection(asyncio.Protocol):
     # ---- request processing
 
     def _dispatch(self, item: tuple[Request, bool, bool] | _Failure) -> None:
+        if self._closing:
+            return  # answered with Connection: close while the same read held more requests
+        if self._task is None and not self._pending and self._server._handler_is_sync and type(item) is tuple:
+            # Nothing ahead of it on this connection: answer now, from the parser (no task, no loop turn).
+            request, keep_alive, legacy = item
+            response = self._call_sync(request)
+            self._answer(request, response, keep_alive, legacy)
+            if not self._closing:
+                self._since = self._server._now
+            return
         self._pending.append(item)
         if self._task is None:
             self._task = self._loop.create_task(self._run())
@@ -434,10 +447,39 @@ class _ServerConnection(asyncio.Protocol):
         else:
             self._pending.append(_Failure(Response(0)))  # status 0: nothing to send, just close
 
+    def _call_sync(self, request: Request) -> Response:
+        try:
+            response = self._server.handler(request)
+            if not isinstance(response, Response):
+                raise TypeError(f"handler returned {type(response).__name__}, not Response")
+        except Exception:
+            log.exception("http: %s %s: handler failed", request.method, request.path)
+            response = self._server.error_response(500)
+        return cast(Response, response)
+
+    def _answer(self, request: Request, response: Response, keep_alive: bool, legacy: bool) -> None:
+        """Write ``response`` to ``request``; close afterwards when either side asked to."""
+        server = self._server
+        transport = cast(asyncio.Transport, self._transport)
+        close = not keep_alive or server._close_requested
+        try:
+            head, close = server._render(response, close=close, legacy=legacy)
+        except Exception:
+            log.exception("http: %s %s: unsendable response", request.method, request.path)
+            response = server.error_response(500)
+            head, close = server._render(response, close=close, legacy=legacy)
+        if request.method == "HEAD" or response.status in _NO_BODY:
+            transport.write(head)
+        else:
+            _write(transport, head, response.body)
+        if close:
+            self._close()
+
     async def _run(self) -> None:
         """Answer queued requests strictly in arrival order (pipelining), one handler at a time."""
         server = self._server
         handler = server.handler
+        sync = server._handler_is_sync
         pending = self._pending
         transport = self._transport
         assert transport is not None
@@ -451,6 +493,11 @@ class _ServerConnection(asyncio.Protocol):
                     self._close(linger=bool(item.response.status))
                     return
                 request, keep_alive, legacy = cast(tuple[Request, bool, bool], item)
+                if sync:
+                    self._answer(request, self._call_sync(request), keep_alive, legacy)
+                    if self._closing:
+                        return
+                    continue
                 # The handler call is inlined, not a helper coroutine: one frame less per request.
                 self._handler_since = server._now or 1.0
                 try:
@@ -476,19 +523,8 @@ class _ServerConnection(asyncio.Protocol):
                         task.uncancel()
                 if self._closing:
                     return
-                close = not keep_alive or server._close_requested
-                try:
-                    head, close = server._render(response, close=close, legacy=legacy)
-                except Exception:
-                    log.exception("http: %s %s: unsendable response", request.method, request.path)
-                    response = server.error_response(500)
-                    head, close = server._render(response, close=close, legacy=legacy)
-                if request.method == "HEAD" or response.status in _NO_BODY:
-                    transport.write(head)
-                else:
-                    _write(transport, head, response.body)
-                if close:
-                    self._close()
+                self._answer(request, response, keep_alive, legacy)
+                if self._closing:
                     return
         finally:
             self._task = None
@@ -570,6 +606,11 @@ class HttpServer:
         400/408/500/503 ones; both may be given here or overridden in a subclass.
         """
         self.handler = handler
+        # A plain function is answered from the parser (see _ServerConnection._dispatch); an async one, or
+        # an object whose __call__ is async, runs in the connection's task.
+        self._handler_is_sync = not (
+            inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
+        )
         self.host = host
         self.port = port
         self.max_header_bytes = max_header_bytes

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import signal
 import socket
@@ -48,12 +49,15 @@ class NullForwarder:
         self.endpoints = endpoints
         self.client = ClientPool(max_connections=connections_max, request_timeout_s=timeout_ms / 1000)
         self.tasks_max = tasks_max
-        self.tasks: set[asyncio.Task] = set()
+        # As the hub's ingress keeps its own (api/fspiop/ingress.py): by number, dropped by the task itself.
+        self.tasks: dict[int, asyncio.Task] = {}
+        self._task_numbers = itertools.count()
         self.forwarded = 0
         self.failed = 0
         self.dropped = 0  # over tasks_max: refused with 503, as the hub refuses over its queue bounds
 
-    async def handle(self, request: Request) -> Response:
+    def handle(self, request: Request) -> Response:
+        """Synchronous, like the hub's ingress: the server answers from its parser (api/http.py)."""
         parts = request.path.strip("/").split("/")
         if parts[0] != "transfers":
             return _NOT_FOUND
@@ -73,17 +77,20 @@ class NullForwarder:
             return Response(503)
         url = template if transfer_id is None else template.replace("{{transferId}}", transfer_id)
         headers = forward_headers(request.headers, method=request.method)
-        task = asyncio.get_running_loop().create_task(self._forward(request.method, url, headers, request.body))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        number = next(self._task_numbers)
+        self.tasks[number] = asyncio.get_running_loop().create_task(
+            self._forward(number, request.method, url, headers, request.body)
+        )
         return Response(status)
 
-    async def _forward(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> None:
+    async def _forward(self, number: int, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> None:
         try:
             status, _, _ = await self.client.request(method, url, headers, body)
         except (HttpConnectionError, HttpTimeout, OSError):
             self.failed += 1
             return
+        finally:
+            self.tasks.pop(number, None)
         if 200 <= status < 300:
             self.forwarded += 1
         else:

@@ -63,8 +63,23 @@ class App:
         )
 
 
+class SyncApp:
+    """A plain (``def``) handler: the server answers it from the parser, with no task per request."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def __call__(self, request: Request) -> Response:
+        self.paths.append(request.path)
+        if request.path == "/boom":
+            raise RuntimeError("handler exploded")
+        if request.path == "/not-a-response":
+            return "oops"  # type: ignore[return-value]
+        return Response(200, request.body or request.path.encode(), [("X-Tag", request.query.get("tag", ""))])
+
+
 @asynccontextmanager
-async def serving(app: App | None = None, **options) -> AsyncIterator[HttpServer]:
+async def serving(app: App | SyncApp | None = None, **options) -> AsyncIterator[HttpServer]:
     server = HttpServer(app or App(), "127.0.0.1", 0, **options)
     port = await server.start()
     assert port == server.port and port > 0
@@ -384,5 +399,71 @@ def test_stop_closes_idle_keep_alive_connections() -> None:
         await server.stop()
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
+
+    run(main)
+
+
+def test_sync_handler_keep_alive_and_errors_over_one_connection(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        app = SyncApp()
+        async with serving(app) as server:
+            assert server._handler_is_sync and not HttpServer(App())._handler_is_sync
+            client = HttpClient("127.0.0.1", server.port, max_connections=1)
+            for i in range(50):
+                status, _, body = await client.request("POST", f"/echo?i={i}", {}, str(i).encode())
+                assert (status, body) == (200, str(i).encode())
+            assert (await client.request("GET", "/boom", {}))[0] == 500
+            assert (await client.request("GET", "/not-a-response", {}))[0] == 500
+            status, headers, body = await client.request("HEAD", "/head", {})
+            assert (status, body, headers["content-length"]) == (200, b"", "5")
+            assert (await client.request("GET", "/after", {}))[:3:2] == (200, b"/after")
+            assert len(client._all) == 1  # the 500s did not cost the connection
+            await client.close()
+        assert len(app.paths) == 54
+
+    with caplog.at_level(logging.ERROR, logger="api.http"):
+        run(main)
+    assert sum("handler failed" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_sync_handler_answers_pipelined_requests_in_order_and_stops_at_close() -> None:
+    async def main() -> None:
+        app = SyncApp()
+        async with serving(app) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            # One write, four requests: the third asks to close, so the fourth is never handled.
+            writer.write(
+                b"GET /a?tag=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /b?tag=2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                b"GET /c?tag=3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                b"GET /d?tag=4 HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            answers = [await read_response(reader) for _ in range(3)]
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after the third
+            writer.close()
+        assert [headers["x-tag"] for _, headers, _ in answers] == ["1", "2", "3"]
+        assert [body for _, _, body in answers] == [b"/a", b"hello", b"/c"]
+        assert answers[2][1]["connection"] == "close"
+        assert app.paths == ["/a", "/b", "/c"]
+
+    run(main)
+
+
+def test_sync_handler_over_http_10_and_after_a_malformed_request() -> None:
+    async def main() -> None:
+        async with serving(SyncApp()) as server:
+            status, headers, body, closed = await raw_exchange(server.port, b"GET /q HTTP/1.0\r\n\r\n")
+            assert (status, headers["connection"], body, closed) == (200, "close", b"/q", True)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /k HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            status, headers, body = await read_response(reader)
+            assert (status, headers["connection"], body) == (200, "keep-alive", b"/k")
+            # A good request and garbage in one read: the answer to the first, then 400 and close.
+            writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\x00 / HTTP/1.1\r\n\r\n")
+            assert (await read_response(reader))[::2] == (200, b"/ok")
+            status, headers, _ = await read_response(reader)
+            assert (status, headers["connection"]) == (400, "close")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
 
     run(main)

@@ -13,6 +13,7 @@ outcome arrives as a callback.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -79,10 +80,14 @@ class FspiopIngress:
         self.resources = dict(resources or {})
         self.checker = checker or HeaderChecker()
         self.max_background_tasks = max_background_tasks
-        self._tasks: set[asyncio.Task] = set()
+        # The work after each answer, by a number of its own: the strong reference asyncio needs, dropped by
+        # the task itself when it ends (a done callback would cost a turn of the loop per request).
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._task_numbers = itertools.count()
         self.requests = 0
 
-    async def handle(self, request: Request) -> Response:
+    def handle(self, request: Request) -> Response:
+        """Synchronous (the server answers from its parser, api/http.py): the work goes on in a task."""
         received = time.perf_counter()  # the start of a transfer's prepare or fulfil flow (docs/METRICS.md)
         self.requests += 1
         if request.method == "GET" and request.path == "/health":
@@ -104,9 +109,8 @@ class FspiopIngress:
         if len(self._tasks) >= self.max_background_tasks:
             _count_request(route.resource, request.method, "503")
             return _error_response(FspiopError(2005, "too many requests in progress"))
-        task = asyncio.get_running_loop().create_task(self._run(work, route.template, request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        number = next(self._task_numbers)
+        self._tasks[number] = asyncio.get_running_loop().create_task(self._run(work, number, request))
         status = 202 if request.method in ("POST", "GET", "DELETE") else 200
         _count_request(route.resource, request.method, str(status))
         return Response(status)
@@ -135,15 +139,17 @@ class FspiopIngress:
         # PATCH /transfers/{ID} goes from the hub to payees, never the other way (RULES.md 4).
         raise FspiopError(2002, f"{route.method} {template} is sent by the hub, not received")
 
-    async def _run(self, work, template: str, request: Request) -> None:
+    async def _run(self, work, number: int, request: Request) -> None:
         try:
             await work
         except Exception:  # a failed request must never take the worker down; it is logged with its trace
             log.exception("FSPIOP %s %s failed after it was accepted", request.method, request.path)
+        finally:
+            self._tasks.pop(number, None)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+            await asyncio.wait(list(self._tasks.values()), timeout=timeout_s)
 
 
 class IngressWorker:
