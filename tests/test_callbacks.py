@@ -547,3 +547,30 @@ def test_metrics():
         CallbackMetrics(CollectorRegistry())
 
     run(scenario)
+
+
+def test_queue_depth_gauge_sums_the_dispatchers_of_a_process_and_forgets_a_closed_one():
+    async def scenario():
+        registry = CollectorRegistry()
+        shared = CallbackMetrics(registry)
+        dead = f"http://127.0.0.1:{closed_port()}"
+
+        def depth() -> float:
+            return registry.get_sample_value("rayloop_callback_queue_depth", {"fsp": "deadfsp"})
+
+        # One worker each, long backoff: the first callback is in flight, the rest wait in the queue.
+        options = dict(metrics=shared, concurrency_per_fsp=1, retries=1, backoff_ms=5_000, backoff_max_ms=5_000)
+        async with dispatching(**options) as first, dispatching(**options) as second:
+            for n in range(4):
+                assert first.send("deadfsp", "PUT", f"{dead}/transfers/a{n}", PUT_HEADERS, b"{}", kind="transfer_put")
+            for n in range(3):
+                assert second.send("deadfsp", "PUT", f"{dead}/transfers/b{n}", PUT_HEADERS, b"{}", kind="transfer_put")
+            await asyncio.sleep(0.05)  # each worker took its first callback
+            assert (first.queue_depth("deadfsp"), second.queue_depth("deadfsp")) == (3, 2)
+            assert depth() == 5  # read when scraped, summed over both
+            await first.close()
+            assert depth() == 2  # the closed one no longer counts
+            await second.close()
+            assert depth() == 0
+
+    run(scenario)

@@ -26,6 +26,7 @@ drop its queue) and the next callback starts a new one. When the worker's end of
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import socket
@@ -93,7 +94,7 @@ class CallbackSenderProcess:
         # id -> (fsp, kind, queued_at, on_outcome)
         self._waiting: dict[int, tuple[str, str, float, Callable[[Outcome], None] | None]] = {}
         self._per_fsp: Tally[str] = Tally()
-        self._depth: dict[str, object] = {}
+        self._depth_readers: dict[str, Callable[[], int]] = {}  # fsp -> what the depth gauge reads when scraped
         self._out: list[bytes] = []
         self._write_scheduled = False
         self._link: _Link | None = None
@@ -124,8 +125,10 @@ class CallbackSenderProcess:
         self._out.append(orjson.dumps((job_id, fsp, method, url, headers, kind, len(body))) + b"\n")
         self._out.append(body)
         self._waiting[job_id] = (fsp, kind, time.perf_counter(), on_outcome)
-        count = self._per_fsp[fsp] = self._per_fsp[fsp] + 1
-        self._gauge(fsp).set(count)
+        self._per_fsp[fsp] += 1
+        if fsp not in self._depth_readers:
+            self._depth_readers[fsp] = reader = functools.partial(self._per_fsp.__getitem__, fsp)
+            self.metrics.watch_depth(fsp, reader)
         self._idle.clear()
         if not self._write_scheduled and self._link is not None:
             self._write_scheduled = True
@@ -149,6 +152,8 @@ class CallbackSenderProcess:
         if link is not None and link.transport is not None:
             link.transport.close()
         self._drop_all()
+        for fsp, reader in self._depth_readers.items():
+            self.metrics.unwatch_depth(fsp, reader)
         process, self._process = self._process, None
         if process is not None:
             await asyncio.get_running_loop().run_in_executor(None, _reap, process)
@@ -221,16 +226,9 @@ class CallbackSenderProcess:
                 self.metrics.total.labels(kind, outcome), self.metrics.seconds.labels(kind, outcome))
         children[0].inc()
         children[1].observe(now - queued_at)
-        count = self._per_fsp[fsp] = self._per_fsp[fsp] - 1
-        self._gauge(fsp).set(count)
+        self._per_fsp[fsp] -= 1
         if on_outcome is not None:
             _tell(on_outcome, outcome)
-
-    def _gauge(self, fsp: str):
-        gauge = self._depth.get(fsp)
-        if gauge is None:
-            gauge = self._depth[fsp] = self.metrics.queue_depth.labels(fsp)
-        return gauge
 
     def _lost(self, link: _Link) -> None:
         if link is not self._link:

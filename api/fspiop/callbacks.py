@@ -402,6 +402,23 @@ class CallbackMetrics:
         # dashboard's error panel; the first callback of a kind creates them all at 0. Kinds are a fixed
         # set in the code (resource and method).
         self._kinds: set[str] = set()
+        # fsp -> readers of its queue depth, summed when scraped: nothing is recorded per callback, and
+        # several dispatchers in one process (an ingress worker and its hosted shards) add up.
+        self._depth_readers: dict[str, list[Callable[[], int]]] = {}
+
+    def watch_depth(self, fsp: str, read: Callable[[], int]) -> None:
+        """``rayloop_callback_queue_depth{fsp}`` includes ``read()`` from now until ``unwatch_depth``."""
+        readers = self._depth_readers.get(fsp)
+        if readers is None:
+            readers = self._depth_readers[fsp] = []
+            # A scrape runs on another thread: it sums a copy, the loop thread may append meanwhile.
+            self.queue_depth.labels(fsp).set_function(lambda: sum(reader() for reader in tuple(readers)))
+        readers.append(read)
+
+    def unwatch_depth(self, fsp: str, read: Callable[[], int]) -> None:
+        readers = self._depth_readers.get(fsp, [])
+        if read in readers:
+            readers.remove(read)
 
     def start_kind(self, kind: str) -> None:
         """Creates ``kind``'s counter for every outcome at 0, the first time a callback of that kind comes."""
@@ -428,13 +445,12 @@ class _Job:
 class _Lane:
     """One destination DFSP: its queue, its workers, and its log throttle."""
 
-    __slots__ = ("fsp", "queue", "workers", "depth", "logged_at", "suppressed")
+    __slots__ = ("fsp", "queue", "workers", "logged_at", "suppressed")
 
-    def __init__(self, fsp: str, maxsize: int, depth: Gauge):
+    def __init__(self, fsp: str, maxsize: int):
         self.fsp = fsp
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize)
         self.workers: list[asyncio.Task[None]] = []
-        self.depth = depth  # the labelled gauge child, looked up once
         self.logged_at = float("-inf")
         self.suppressed = 0
 
@@ -583,6 +599,7 @@ class CallbackDispatcher:
                 self._finish(lane, lane.queue.get_nowait(), Outcome.DROPPED)
                 dropped += 1
             lane.workers.clear()
+            self.metrics.unwatch_depth(lane.fsp, lane.queue.qsize)
         if dropped:
             log.warning("callbacks: closed with %d callbacks still queued; they were dropped", dropped)
         if self._owns_pool:
@@ -623,11 +640,11 @@ class CallbackDispatcher:
             return False
         self._pending += 1
         self._idle.clear()
-        lane.depth.set(lane.queue.qsize())
         return True
 
     def _open_lane(self, fsp: str) -> _Lane:
-        lane = self._lanes[fsp] = _Lane(fsp, self._queue_max, self.metrics.queue_depth.labels(fsp))
+        lane = self._lanes[fsp] = _Lane(fsp, self._queue_max)
+        self.metrics.watch_depth(fsp, lane.queue.qsize)
         loop = asyncio.get_running_loop()
         lane.workers = [
             loop.create_task(self._work(lane), name=f"callbacks-{fsp}-{n}") for n in range(self._concurrency)
@@ -638,7 +655,6 @@ class CallbackDispatcher:
         queue = lane.queue
         while True:
             job = await queue.get()
-            lane.depth.set(queue.qsize())
             try:
                 outcome = await self._deliver(lane, job)
             except asyncio.CancelledError:
@@ -695,7 +711,6 @@ class CallbackDispatcher:
             children = self._outcome_children(job.kind, outcome)
         children[0].inc()
         children[1].observe(time.perf_counter() - job.queued_at)
-        lane.depth.set(lane.queue.qsize())
         if job.done is not None and not job.done.done():
             job.done.set_result(outcome)
         if job.on_outcome is not None:
