@@ -20,6 +20,11 @@ def _env_str(name: str, default: str) -> str:
     return default if value in (None, "") else value
 
 
+def _env_flag(name: str) -> bool:
+    """A switch: on for 1, true, yes or on (any case), off when unset or anything else."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class HubConfig:
     database_url: str | None = None  # RAYLOOP_DATABASE_URL; None starts an embedded PostgreSQL
@@ -110,7 +115,7 @@ class HubConfig:
             fspiop_port=_env_int("RAYLOOP_FSPIOP_PORT", 3000),
             ingress_workers=_env_int("RAYLOOP_INGRESS_WORKERS", 1),
             shard_host=_env_str("RAYLOOP_SHARD_HOST", "ingress").lower(),
-            allow_on_us=os.environ.get("RAYLOOP_ALLOW_ON_US", "").lower() in ("1", "true", "yes"),
+            allow_on_us=_env_flag("RAYLOOP_ALLOW_ON_US"),
             ingress_batch_max=_env_int("RAYLOOP_INGRESS_BATCH_MAX", 256),
             ingress_batch_in_flight=_env_int("RAYLOOP_INGRESS_BATCH_IN_FLIGHT", 1),
             ingress_queue_max=_env_int("RAYLOOP_INGRESS_QUEUE_MAX", 20_000),
@@ -118,7 +123,7 @@ class HubConfig:
             callback_timeout_ms=_env_int("RAYLOOP_CALLBACK_TIMEOUT_MS", 5_000),
             callback_retries=_env_int("RAYLOOP_CALLBACK_RETRIES", 2),
             callback_queue_max=_env_int("RAYLOOP_CALLBACK_QUEUE_MAX", 10_000),
-            callback_process=_env_str("RAYLOOP_CALLBACK_PROCESS", "off").lower() in ("1", "true", "yes", "on"),
+            callback_process=_env_flag("RAYLOOP_CALLBACK_PROCESS"),
             actor_call_timeout_ms=_env_int("RAYLOOP_ACTOR_CALL_TIMEOUT_MS", 30_000),
             shard_ping_interval_ms=_env_int("RAYLOOP_SHARD_PING_INTERVAL_MS", 1_000),
             actor_call_retries=_env_int("RAYLOOP_ACTOR_CALL_RETRIES", 12),
@@ -132,7 +137,7 @@ class HubConfig:
             agreement_flushes_max=_env_int("RAYLOOP_AGREEMENT_FLUSHES_MAX", 2),
             metrics_scrape_timeout_ms=_env_int("RAYLOOP_METRICS_SCRAPE_TIMEOUT_MS", 2_000),
             metrics_participants_max=_env_int("RAYLOOP_METRICS_PARTICIPANTS_MAX", 500),
-            ray_task_events=os.environ.get("RAYLOOP_RAY_TASK_EVENTS", "").lower() in ("1", "true", "yes"),
+            ray_task_events=_env_flag("RAYLOOP_RAY_TASK_EVENTS"),
             ray_worker_niceness=_env_int("RAYLOOP_RAY_WORKER_NICENESS", 0),
             shard=ShardSettings(dsn="", **shard_values),
             settlement=SettlementSettings(**{

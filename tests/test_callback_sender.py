@@ -118,6 +118,20 @@ def test_the_setting_is_off_unless_asked_for(monkeypatch):
     assert HubConfig.from_env().callback_process is True
 
 
+def test_every_switch_reads_the_same_spellings(monkeypatch):
+    from cluster.config import HubConfig
+
+    switches = {"RAYLOOP_CALLBACK_PROCESS": "callback_process", "RAYLOOP_ALLOW_ON_US": "allow_on_us",
+                "RAYLOOP_RAY_TASK_EVENTS": "ray_task_events"}
+    for spelling, expected in (("1", True), ("TRUE", True), ("yes", True), (" On ", True), ("0", False),
+                               ("off", False), ("", False)):
+        for variable in switches:
+            monkeypatch.setenv(variable, spelling)
+        config = HubConfig.from_env()
+        assert {field: getattr(config, field) for field in switches.values()} == dict.fromkeys(
+            switches.values(), expected), spelling
+
+
 def test_a_sender_that_cannot_start_drops_what_was_queued_for_it(monkeypatch):
     import subprocess
 
