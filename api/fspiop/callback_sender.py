@@ -100,7 +100,6 @@ class CallbackSenderProcess:
         self._link: _Link | None = None
         self._starting: asyncio.Task | None = None
         self._process: subprocess.Popen | None = None
-        self._outcome_metrics: dict[tuple[str, Outcome], tuple] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -114,7 +113,7 @@ class CallbackSenderProcess:
     ) -> bool:
         self.metrics.start_kind(kind)
         if self._closed or self._per_fsp[fsp] >= self._queue_max:
-            self.metrics.total.labels(kind, Outcome.DROPPED).inc()
+            self.metrics.refused(kind)
             _tell(on_outcome, Outcome.DROPPED)
             return False
         if self._link is None:
@@ -220,12 +219,7 @@ class CallbackSenderProcess:
 
     def _finish(self, entry, outcome: Outcome, now: float) -> None:
         fsp, kind, queued_at, on_outcome = entry
-        children = self._outcome_metrics.get((kind, outcome))
-        if children is None:
-            children = self._outcome_metrics[(kind, outcome)] = (
-                self.metrics.total.labels(kind, outcome), self.metrics.seconds.labels(kind, outcome))
-        children[0].inc()
-        children[1].observe(now - queued_at)
+        self.metrics.finished(kind, outcome, now - queued_at)
         self._per_fsp[fsp] -= 1
         if on_outcome is not None:
             _tell(on_outcome, outcome)

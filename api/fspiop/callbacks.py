@@ -405,6 +405,8 @@ class CallbackMetrics:
         # fsp -> readers of its queue depth, summed when scraped: nothing is recorded per callback, and
         # several dispatchers in one process (an ingress worker and its hosted shards) add up.
         self._depth_readers: dict[str, list[Callable[[], int]]] = {}
+        # (kind, outcome) -> (counter child, histogram child): labels() takes a lock and hashes every time.
+        self._outcome_children: dict[tuple[str, Outcome], tuple[Counter, Histogram]] = {}
 
     def watch_depth(self, fsp: str, read: Callable[[], int]) -> None:
         """``rayloop_callback_queue_depth{fsp}`` includes ``read()`` from now until ``unwatch_depth``."""
@@ -419,6 +421,19 @@ class CallbackMetrics:
         readers = self._depth_readers.get(fsp, [])
         if read in readers:
             readers.remove(read)
+
+    def finished(self, kind: str, outcome: Outcome, seconds: float) -> None:
+        """A callback reached its final outcome ``seconds`` after it was queued."""
+        children = self._outcome_children.get((kind, outcome))
+        if children is None:
+            children = self._outcome_children[(kind, outcome)] = (
+                self.total.labels(kind, outcome), self.seconds.labels(kind, outcome))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def refused(self, kind: str) -> None:
+        """A callback dropped before it was queued (queue full, dispatcher closed): counted, not timed."""
+        self.total.labels(kind, Outcome.DROPPED).inc()
 
     def start_kind(self, kind: str) -> None:
         """Creates ``kind``'s counter for every outcome at 0, the first time a callback of that kind comes."""
@@ -495,6 +510,7 @@ async def wait_until_set(event: asyncio.Event, timeout_s: float) -> bool:
 
 _NO_LIMIT = contextlib.nullcontext()  # stateless, so one instance serves every delivery
 
+
 class CallbackDispatcher:
     """Delivers callbacks without ever making the caller wait on a DFSP. See the module docstring.
 
@@ -542,8 +558,6 @@ class CallbackDispatcher:
         self.metrics = metrics or CallbackMetrics()
         self._lanes: dict[str, _Lane] = {}
         self._pending = 0  # queued or in flight, over all lanes
-        # (kind, outcome) -> (counter child, histogram child): labels() takes a lock and hashes every time.
-        self._outcome_metrics: dict[tuple[str, Outcome], tuple[Counter, Histogram]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -620,7 +634,7 @@ class CallbackDispatcher:
     ) -> bool:
         self.metrics.start_kind(kind)
         if self._closed:
-            self.metrics.total.labels(kind, Outcome.DROPPED).inc()
+            self.metrics.refused(kind)
             _tell(on_outcome, Outcome.DROPPED)
             return False
         lane = self._lanes.get(fsp) or self._open_lane(fsp)
@@ -632,7 +646,7 @@ class CallbackDispatcher:
         try:
             lane.queue.put_nowait(job)
         except asyncio.QueueFull:
-            self.metrics.total.labels(kind, Outcome.DROPPED).inc()
+            self.metrics.refused(kind)
             _tell(on_outcome, Outcome.DROPPED)
             self._log_failure(
                 lane, "callbacks: queue for %s full (%d); dropped %s %s", fsp, self._queue_max, method, url
@@ -706,11 +720,7 @@ class CallbackDispatcher:
         return delay / 2 + random.random() * delay / 2
 
     def _finish(self, lane: _Lane, job: _Job, outcome: Outcome) -> None:
-        children = self._outcome_metrics.get((job.kind, outcome))
-        if children is None:
-            children = self._outcome_children(job.kind, outcome)
-        children[0].inc()
-        children[1].observe(time.perf_counter() - job.queued_at)
+        self.metrics.finished(job.kind, outcome, time.perf_counter() - job.queued_at)
         if job.done is not None and not job.done.done():
             job.done.set_result(outcome)
         if job.on_outcome is not None:
@@ -718,11 +728,6 @@ class CallbackDispatcher:
         self._pending -= 1
         if self._pending == 0:
             self._idle.set()
-
-    def _outcome_children(self, kind: str, outcome: Outcome) -> tuple[Counter, Histogram]:
-        children = (self.metrics.total.labels(kind, outcome), self.metrics.seconds.labels(kind, outcome))
-        self._outcome_metrics[(kind, outcome)] = children
-        return children
 
     def _log_failure(self, lane: _Lane, message: str, *args: object) -> None:
         now = asyncio.get_running_loop().time()
